@@ -5,7 +5,8 @@ problems (bad input, missing rights, limits) are :class:`ClientError`; trouble w
 we depend on (a gRPC backend, the broker, the store) is :class:`DependencyError`; a broken
 invariant of our own is :class:`InternalError`. Anything else that escapes is a bug::
 
-    HuleEduError                         code              HTTP  gRPC                WS close
+    (class)                              code              HTTP  gRPC                WS close
+    HuleEduError                         error              500  INTERNAL            1011
     ├── ConfigurationError               config_invalid     500  INTERNAL            1011
     ├── ClientError                      client_error       400  INVALID_ARGUMENT    1008
     │   ├── ValidationError              validation_failed  422  INVALID_ARGUMENT    1007
@@ -16,7 +17,7 @@ invariant of our own is :class:`InternalError`. Anything else that escapes is a 
     │   ├── NotFoundError                not_found          404  NOT_FOUND           1008
     │   ├── ConflictError                conflict           409  ALREADY_EXISTS      1008
     │   ├── PayloadTooLargeError         payload_too_large  413  RESOURCE_EXHAUSTED  1009
-    │   ├── UnsupportedMediaTypeError    unsupported_media  415  INVALID_ARGUMENT    1003
+    │   ├── UnsupportedMediaTypeError    unsupported_media_type 415 INVALID_ARGUMENT 1003
     │   └── RateLimitedError             rate_limited       429  RESOURCE_EXHAUSTED  4029
     ├── DependencyError                  dependency_failed  502  UNAVAILABLE         1011
     │   ├── UnavailableError             unavailable        503  UNAVAILABLE         1013
@@ -30,7 +31,8 @@ invariant of our own is :class:`InternalError`. Anything else that escapes is a 
 Each error carries structured fields (``field`` for the offending input, ``retry_after`` in
 seconds, ``service`` for a dependency) and has exactly one mapping to each face:
 
-* HTTP: :func:`to_problem` builds an RFC 9457 ``application/problem+json`` body;
+* HTTP: :func:`to_problem` builds an RFC 9457 ``application/problem+json`` body (every
+  authentication failure gives the same body: expiry and revocation are not told apart);
 * WebSocket: :attr:`HuleEduError.ws_close_code` (see :class:`WsCloseCode`);
 * gRPC: :attr:`HuleEduError.grpc_status`, and :func:`from_grpc_status` for the way back.
 
@@ -106,6 +108,8 @@ class HuleEduError(Exception):
     """
 
     code: ClassVar[str] = "error"
+    #: The code clients see; differs from ``code`` only where the difference must not leak.
+    public_code: ClassVar[str | None] = None
     http_status: ClassVar[int] = 500
     grpc_status: ClassVar[GrpcStatus] = GrpcStatus.INTERNAL
     ws_close_code: ClassVar[WsCloseCode] = WsCloseCode.INTERNAL_ERROR
@@ -157,7 +161,7 @@ class ClientError(HuleEduError):
     grpc_status = GrpcStatus.INVALID_ARGUMENT
     ws_close_code = WsCloseCode.POLICY_VIOLATION
     title = "Bad request"
-    public_detail = None
+    public_detail: ClassVar[str | None] = None
 
 
 class ValidationError(ClientError):
@@ -189,16 +193,20 @@ class AuthenticationError(ClientError):
     grpc_status = GrpcStatus.UNAUTHENTICATED
     ws_close_code = WsCloseCode.AUTH_FAILED
     title = "Unauthorized"
-    public_detail = "Missing or invalid credentials."
+    public_detail: ClassVar[str | None] = "Missing or invalid credentials."
 
 
 class TokenExpiredError(AuthenticationError):
+    """Expired token. Clients see the same 401 as for any other authentication failure."""
+
     code = "token_expired"
+    public_code = "unauthenticated"
     ws_close_code = WsCloseCode.TOKEN_EXPIRED
 
 
 class SessionRevokedError(AuthenticationError):
     code = "session_revoked"
+    public_code = "unauthenticated"
     ws_close_code = WsCloseCode.SESSION_REVOKED
 
 
@@ -320,12 +328,13 @@ def to_problem(
     instance: str | None = None,
 ) -> dict[str, Any]:
     """The RFC 9457 problem+json body for ``error`` (serve with ``PROBLEM_CONTENT_TYPE``)."""
+    code = error.public_code or error.code
     body: dict[str, Any] = {
-        "type": PROBLEM_TYPE_BASE + error.code,
+        "type": PROBLEM_TYPE_BASE + code,
         "title": error.title,
         "status": error.http_status,
         "detail": error.detail,
-        "code": error.code,
+        "code": code,
     }
     if instance is not None:
         body["instance"] = instance

@@ -90,6 +90,5 @@ def redacted(settings: pydantic.BaseModel) -> dict[str, Any]:
             return [walk(v) for v in value]
         return value
 
-    result = walk(settings)
-    assert isinstance(result, dict)
+    result: dict[str, Any] = walk(settings)
     return result

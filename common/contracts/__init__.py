@@ -1,0 +1,1 @@
+"""Generated from proto/ by `make proto` (betterproto2). Do not edit."""
