@@ -48,7 +48,8 @@ class BackoffPolicy:
 
 def delays(policy: BackoffPolicy, rng: random.Random | None = None) -> Iterator[float]:
     """The sleeps between attempts (``max_attempts - 1`` of them)."""
-    rng = rng or random.Random()  # noqa: S311  # nosec B311 - jitter, not secrecy
+    # Jitter only; nothing secret depends on these numbers.
+    rng = rng or random.Random()  # noqa: S311  # nosec B311
     base = policy.initial_s
     for _ in range(policy.max_attempts - 1):
         capped = min(base, policy.max_s)

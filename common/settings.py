@@ -57,6 +57,8 @@ class KafkaSettings(pydantic.BaseModel):
     delivery_timeout_ms: int = Field(default=30_000, ge=1_000, le=600_000)
     #: Records per consume() hop into Trio; bounds one hop's memory (N x max record size).
     consume_batch_max: int = Field(default=500, ge=1, le=10_000)
+    #: Milliseconds the producer waits to batch records (latency vs. throughput).
+    linger_ms: int = Field(default=1, ge=0, le=1_000)
     #: Milliseconds without heartbeats before the group declares a consumer dead.
     session_timeout_ms: int = Field(default=10_000, ge=3_000, le=300_000)
     #: Seconds one consume() hop may block; also bounds how long cancellation takes.

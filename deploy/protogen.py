@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess  # nosec B404 - fixed argv built from repository paths
+import subprocess  # nosec B404
 import sys
 import tempfile
 from pathlib import Path

@@ -4,7 +4,7 @@ asyncio/trio loop policy) and writes its report to ``perf/results/``."""
 
 from __future__ import annotations
 
-import subprocess  # nosec B404 - runs our own benchmark modules
+import subprocess  # nosec B404
 import sys
 from pathlib import Path
 

@@ -11,7 +11,7 @@ import json
 import os
 import platform
 import statistics
-import subprocess  # nosec B404 - fixed argv, reads the commit id only
+import subprocess  # nosec B404
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +41,14 @@ def _commit() -> str:
         cwd=Path(__file__).resolve().parent,
     ).stdout.strip()
     return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def _command() -> str:
+    """How the benchmark was started, without machine-specific paths."""
+    script = Path(sys.argv[0]).resolve()
+    here = Path(__file__).resolve().parent
+    argv0 = f"-m perf.{script.stem}" if script.parent == here else script.name
+    return " ".join(["python", argv0, *sys.argv[1:]])
 
 
 def machine_info() -> dict[str, Any]:
@@ -79,7 +87,7 @@ def write_report(
     provenance = {
         "commit": _commit(),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": _command(),
         "machine": machine_info(),
     }
     json_path = RESULTS_DIR / f"{name}.json"

@@ -18,7 +18,8 @@ def _product_sources() -> list[Path]:
     files: list[Path] = []
     for pkg in PRODUCT:
         files += [
-            p for p in (ROOT / pkg).rglob("*.py")
+            p
+            for p in (ROOT / pkg).rglob("*.py")
             if "contracts" not in p.parts and ".cache" not in p.parts
         ]
     return sorted(files)
