@@ -107,15 +107,7 @@ class _TrioServicer:
         self, method: Callable[[Any], Awaitable[Any]], span_name: str
     ) -> Callable[[Stream[Any, Any]], Awaitable[None]]:
         async def handle(stream: Stream[Any, Any]) -> None:
-            # Counted until the response is sent, so a drain never cuts a reply short.
-            self._in_flight.enter()
-            try:
-                request = await stream.recv_message()
-                response = await self._run(stream, method, request, span_name)
-                if response is not _FAILED:
-                    await stream.send_message(response)
-            finally:
-                self._in_flight.leave()
+            await self._respond(stream, method, await stream.recv_message(), span_name)
 
         return handle
 
@@ -130,15 +122,25 @@ class _TrioServicer:
                         return
                     yield message
 
-            self._in_flight.enter()
-            try:
-                response = await self._run(stream, method, messages(), span_name)
-                if response is not _FAILED:
-                    await stream.send_message(response)
-            finally:
-                self._in_flight.leave()
+            await self._respond(stream, method, messages(), span_name)
 
         return handle
+
+    async def _respond(
+        self,
+        stream: Stream[Any, Any],
+        method: Callable[[Any], Awaitable[Any]],
+        argument: Any,
+        span_name: str,
+    ) -> None:
+        # Counted until the response is sent, so a drain never cuts a reply short.
+        self._in_flight.enter()
+        try:
+            response = await self._run(stream, method, argument, span_name)
+            if response is not _FAILED:
+                await stream.send_message(response)
+        finally:
+            self._in_flight.leave()
 
     async def _run(
         self,
