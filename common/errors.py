@@ -385,6 +385,8 @@ def from_grpc_status(
     client-safe messages for them); dependency-class ones keep it for logs only.
     """
     cls = _FROM_GRPC.get(status, DependencyError)
+    if status is GrpcStatus.RESOURCE_EXHAUSTED and field is not None:
+        cls = PayloadTooLargeError  # a named limit (file size, count), not a request rate
     text = message or status.name
     if issubclass(cls, ClientError):
         return cls(text, field=field, service=service)

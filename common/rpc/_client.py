@@ -18,6 +18,7 @@ server's Trio handler is cancelled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import math
 import ssl
@@ -30,6 +31,7 @@ import trio
 import trio_asyncio
 from grpclib import GRPCError
 from grpclib.client import Channel
+from grpclib.const import Status
 from grpclib.events import RecvTrailingMetadata, listen
 from grpclib.exceptions import StreamTerminatedError
 from opentelemetry import trace
@@ -39,6 +41,7 @@ from common.errors import (
     GRPC_FIELD_METADATA_KEY,
     DeadlineExceededError,
     HuleEduError,
+    PayloadTooLargeError,
     UnavailableError,
     from_grpc_status,
 )
@@ -239,10 +242,20 @@ class RpcChannel:
                     mapped = self._map(exc, holder)
                     if mapped is None:
                         raise
+                    if isinstance(exc, GRPCError) and exc.status is Status.RESOURCE_EXHAUSTED:
+                        # In a client stream this is a size/count limit. When the server ends
+                        # the call mid-stream grpclib drops the trailers (and the field).
+                        mapped = PayloadTooLargeError(
+                            exc.message or "limit exceeded",
+                            field=holder.field,
+                            service=self.service,
+                        )
                     self._count_error(mapped)
                     call._error = mapped
                 finally:
                     _trailers.reset(token)
+                    # Unblock a sender waiting on a full buffer: the call is over.
+                    receive.close()
                     call._done.set()
 
             # The caller's own exception is re-raised after the nursery, never wrapped in an
@@ -281,13 +294,20 @@ class StreamCall(Generic[Req, Resp]):
         """Queue one message; raises the call's error if the server already ended it."""
         if self._done.is_set():
             self._raise()
-        await self._send.send(message)
+        try:
+            await self._send.send(message)
+        except trio.BrokenResourceError:
+            # The server ended the call mid-stream (e.g. a limit): report why.
+            await self._done.wait()
+            self._raise()
+            raise UnavailableError("the stream was closed by the server", service="rpc") from None
 
     async def finish(self) -> Resp:
         """Half-close and wait for the server's response."""
         self._finished = True
         if not self._done.is_set():
-            await self._send.send(_END)
+            with contextlib.suppress(trio.BrokenResourceError):
+                await self._send.send(_END)
             await self._done.wait()
         self._raise()
         if self._response is None:

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
 import trio_asyncio
+from grpclib import GRPCError
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.server import Server, Stream
 from opentelemetry import trace
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 #: Seconds in-flight calls get to finish when the server stops.
 DEFAULT_GRACE_S = 5.0
-_CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
 
 
 class _Failed:
@@ -88,7 +87,8 @@ class _TrioServicer:
         self._mapping: dict[str, Handler] = {}
         for path, handler in impl.__mapping__().items():
             service, _, rpc = path.rpartition("/")
-            method = getattr(impl, _CAMEL.sub("_", rpc).lower())
+            # The generated handler is ``__rpc_<method name>``: exact, unlike re-casing ``rpc``.
+            method = getattr(impl, handler.func.__name__.removeprefix("__rpc_"))
             span_name = f"{service.lstrip('/')}/{rpc}"
             if handler.cardinality is Cardinality.UNARY_UNARY:
                 func = self._unary(method, span_name)
@@ -160,6 +160,8 @@ class _TrioServicer:
                 status=err.grpc_status, status_message=err.detail, metadata=metadata
             )
             return _FAILED
+        except GRPCError:
+            raise  # a status the handler chose itself (e.g. the generated UNIMPLEMENTED)
         except Exception:
             log.exception("unhandled error in gRPC handler %s", span_name)
             await stream.send_trailing_metadata(
@@ -183,7 +185,11 @@ class _TrioServicer:
                 span_name,
                 context=extract_metadata(metadata),
                 kind=trace.SpanKind.SERVER,
-                attributes={"rpc.system": "grpc", "rpc.method": span_name},
+                attributes={
+                    "rpc.system": "grpc",
+                    "rpc.service": span_name.rpartition("/")[0],
+                    "rpc.method": span_name.rpartition("/")[2],
+                },
                 record_exception=False,
                 set_status_on_exception=False,
             ) as span,

@@ -27,6 +27,7 @@ from common.errors import (
     DeadlineExceededError,
     DependencyError,
     NotFoundError,
+    PayloadTooLargeError,
     UnavailableError,
     ValidationError,
 )
@@ -89,6 +90,8 @@ class Files(files_v1.FileServiceBase):
         try:
             async for message in messages:
                 self.receiving.set()
+                if message.chunk is not None and len(message.chunk) > 10_000:
+                    raise PayloadTooLargeError("file over 10 kB", field="max_file_bytes")
                 if message.header is not None:
                     header = message.header
                 elif message.chunk is not None:
@@ -314,6 +317,29 @@ async def test_abandoned_upload_is_cancelled_on_the_server(
             raise KeyError("client gave up")
     with trio.fail_after(2):
         await files.aborted.wait()
+
+
+async def test_a_limit_hit_mid_upload_ends_the_senders_wait_with_the_error(
+    served: tuple[Results, Files, RpcChannel],
+) -> None:
+    _, _, channel = served
+    stub = channel.stub(files_v1.FileServiceStub)
+    with trio.fail_after(10), pytest.raises(PayloadTooLargeError):
+        async with channel.stream_unary(stub.upload_files) as call:
+            for _ in range(100):  # far more than the stream buffer holds
+                await call.send(files_v1.UploadFilesRequest(chunk=b"x" * 20_000))
+            await call.finish()
+
+
+async def test_unimplemented_methods_answer_unimplemented_not_internal(
+    served: tuple[Results, Files, RpcChannel], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, _, channel = served
+    stub = channel.stub(results_v1.ResultServiceStub)
+    with pytest.raises(DependencyError) as info:
+        await channel.call(stub.list_batches, results_v1.ListBatchesRequest(actor=ACTOR))
+    assert "UNIMPLEMENTED" in info.value.message
+    assert not any("unhandled error" in r.message for r in caplog.records)
 
 
 async def test_graceful_shutdown_lets_an_in_flight_call_finish(

@@ -119,6 +119,16 @@ def test_every_client_error_round_trips_through_grpc_status() -> None:
         assert isinstance(back, errors.ClientError), f"{cls.__name__} came back as {back!r}"
 
 
+def test_resource_exhausted_naming_a_limit_is_payload_too_large() -> None:
+    named = from_grpc_status(
+        GrpcStatus.RESOURCE_EXHAUSTED, "file too big", service="files", field="max_file_bytes"
+    )
+    assert isinstance(named, errors.PayloadTooLargeError)
+    assert named.http_status == 413
+    unnamed = from_grpc_status(GrpcStatus.RESOURCE_EXHAUSTED, "slow down", service="files")
+    assert isinstance(unnamed, RateLimitedError)
+
+
 def test_circuit_open_is_unavailable_with_retry_after() -> None:
     err = CircuitOpenError("results breaker open", service="results", retry_after=5)
     assert isinstance(err, UnavailableError)
