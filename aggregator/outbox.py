@@ -1,0 +1,127 @@
+"""What the aggregator writes to its outbox, and the relay that publishes it.
+
+Notifications and dead-letter records are written in the same transaction as the effect that
+caused them (see :mod:`aggregator.store`); :func:`run_outbox_relay` publishes unsent rows and
+marks them sent only after the broker acknowledged them. A crash between publish and mark
+publishes a row again after restart: notification event ids are deterministic
+(batch, version, type), so consumers deduplicate them.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from typing import Protocol
+
+import trio
+
+from aggregator.projection import BatchState, Change
+from aggregator.store import OutboxRow, Row
+from common.bus import EventBus, Record
+from common.contracts.huleedu.common import v1 as common_v1
+from common.contracts.huleedu.events import v1 as events_v1
+from common.errors import BusError
+from common.events import DLQ_TOPIC, PoisonMessageError, Topic, envelope_headers, make_envelope
+
+__all__ = ["OutboxStore", "dead_letter", "notifications_for", "run_outbox_relay"]
+
+_NAMESPACE = uuid.UUID("6f3c7f0e-8a5b-4c39-9a55-1d8c7a0b2e41")
+#: Rows published per relay round; bounds one round's memory.
+RELAY_BATCH = 200
+#: Seconds between relay rounds when the outbox is empty.
+RELAY_IDLE_S = 0.05
+
+
+def _notification(state: BatchState, change: Change, kind: str) -> Row:
+    derived = change.after
+    payload = {
+        "batch_id": state.batch_id,
+        "status": derived.status.name.lower(),
+        "current_phase": derived.current_phase.name.lower() if derived.current_phase else None,
+        "essays_received": derived.essays_received,
+        "expected_essay_count": state.expected_essay_count,
+        "phases": [
+            {
+                "phase": common_v1.PipelinePhase(p).name.lower(),
+                "total": t,
+                "succeeded": ok,
+                "failed": f,
+            }
+            for p, _, t, ok, f in derived.progress
+        ],
+        "version": state.version,
+    }
+    envelope = make_envelope(
+        events_v1.TeacherNotificationRequested(
+            teacher_id=state.owner_user_id,
+            notification_type=kind,
+            category=events_v1.NotificationCategory.BATCH_PROGRESS
+            if kind == "batch_status_changed"
+            else events_v1.NotificationCategory.PROCESSING_RESULTS,
+            priority=events_v1.NotificationPriority.STANDARD
+            if kind == "batch_status_changed"
+            else events_v1.NotificationPriority.HIGH,
+            batch_id=state.batch_id,
+            payload_json=json.dumps(payload, separators=(",", ":")),
+        ),
+        source_service="aggregator",
+        user_id=state.owner_user_id,
+        event_id=str(uuid.uuid5(_NAMESPACE, f"{state.batch_id}:{state.version}:{kind}")),
+    )
+    return (
+        Topic.TEACHER_NOTIFICATION,
+        state.owner_user_id.encode(),
+        bytes(envelope),
+        envelope_headers(envelope),
+    )
+
+
+def notifications_for(state: BatchState, change: Change) -> list[Row]:
+    """``batch_status_changed`` on any visible change, plus ``batch_results_ready`` once."""
+    rows = [_notification(state, change, "batch_status_changed")]
+    if change.completed_now:
+        rows.append(_notification(state, change, "batch_results_ready"))
+    return rows
+
+
+def dead_letter(record: Record, error: PoisonMessageError) -> Row:
+    """The DLQ copy of a poison record, with headers naming where it came from and why."""
+    headers = [
+        *[(k, v) for k, v in record.headers if not k.startswith("dlq.")],
+        ("dlq.source.topic", record.topic.encode()),
+        ("dlq.source.partition", str(record.partition).encode()),
+        ("dlq.source.offset", str(record.offset).encode()),
+        ("dlq.error.class", error.reason.encode()),
+        ("dlq.error.message", error.message[:500].encode()),
+        ("dlq.consumer", b"aggregator"),
+    ]
+    return (DLQ_TOPIC, record.key, record.value, headers)
+
+
+class OutboxStore(Protocol):
+    async def pending_outbox(self, limit: int) -> list[OutboxRow]: ...
+
+    async def mark_sent(self, ids: Sequence[int]) -> None: ...
+
+
+async def run_outbox_relay(
+    store: OutboxStore,
+    bus: EventBus,
+    *,
+    wake: trio.Event | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Publish outbox rows forever (in id order), marking each batch sent after its acks."""
+    task_status.started()
+    while True:
+        rows = await store.pending_outbox(RELAY_BATCH)
+        if not rows:
+            await trio.sleep(RELAY_IDLE_S)
+            continue
+        try:
+            await bus.publish_many([(r.topic, r.key, r.value, r.headers) for r in rows])
+        except BusError:
+            await trio.sleep(1.0)  # broker trouble: the rows stay unsent and are retried
+            continue
+        await store.mark_sent([r.id for r in rows])
