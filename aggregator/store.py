@@ -90,7 +90,7 @@ class ApplyResult:
     duplicates: int = 0
     poison: int = 0
     skipped_old: int = 0
-    #: batch_id -> owner_user_id of every batch whose view changed (cache invalidation).
+    #: batch_id -> owner_user_id of every batch an applied event touched (cache invalidation).
     changed: dict[str, str] = field(default_factory=dict)
     outbox_rows: int = 0
     by_topic: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -109,7 +109,12 @@ DeadLetter = Callable[[Record, PoisonMessageError], Row]
 
 class ResultStore(Protocol):
     async def apply_records(
-        self, records: Sequence[Record], notify: Notifier, dead_letter: DeadLetter
+        self,
+        records: Sequence[Record],
+        notify: Notifier,
+        dead_letter: DeadLetter,
+        *,
+        before_commit: Callable[[ApplyResult], None] | None = None,
     ) -> ApplyResult: ...
 
     async def stored_offsets(
@@ -154,7 +159,11 @@ class SqliteResultStore:
         return BatchState.from_json(row[0]) if row else None
 
     def _apply_sync(
-        self, records: Sequence[Record], notify: Notifier, dead_letter: DeadLetter
+        self,
+        records: Sequence[Record],
+        notify: Notifier,
+        dead_letter: DeadLetter,
+        before_commit: Callable[[ApplyResult], None] | None,
     ) -> ApplyResult:
         conn = self._conn
         result = ApplyResult()
@@ -198,10 +207,11 @@ class SqliteResultStore:
                 change = apply_event(state, envelope)
                 result.applied += 1
                 result.count(record.topic, "applied")
-                if change.visible or change.completed_now:
-                    result.changed[batch_id] = state.owner_user_id
-                    if state.registered:
-                        outbox.extend(notify(state, change))
+                # Every applied event changes the view (version, updated_at): invalidate
+                # for all of them; notify only when something a teacher sees changed.
+                result.changed[batch_id] = state.owner_user_id
+                if (change.visible or change.completed_now) and state.registered:
+                    outbox.extend(notify(state, change))
             for state in states.values():
                 derived = derive(state)
                 done = essays_finished(state)
@@ -233,17 +243,33 @@ class SqliteResultStore:
                 " max(next_offset, excluded.next_offset)",
                 [(t, p, o) for (t, p), o in positions.items()],
             )
+            result.outbox_rows = len(outbox)
+            if before_commit is not None:
+                before_commit(result)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        result.outbox_rows = len(outbox)
         return result
 
     async def apply_records(
-        self, records: Sequence[Record], notify: Notifier, dead_letter: DeadLetter
+        self,
+        records: Sequence[Record],
+        notify: Notifier,
+        dead_letter: DeadLetter,
+        *,
+        before_commit: Callable[[ApplyResult], None] | None = None,
     ) -> ApplyResult:
-        return await self._run(lambda: self._apply_sync(records, notify, dead_letter))
+        """Apply ``records`` in one transaction (see the module docstring).
+
+        ``before_commit`` runs on the store thread after everything is written and before
+        COMMIT (the aggregator invalidates its query cache there, so no query can see the
+        old view once the new one is committed). Raises :class:`StorageError` on transient
+        database trouble; nothing is kept then.
+        """
+        return await self._run(
+            lambda: self._apply_sync(records, notify, dead_letter, before_commit)
+        )
 
     async def stored_offsets(
         self, partitions: Sequence[TopicPartition]

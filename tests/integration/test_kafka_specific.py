@@ -84,7 +84,7 @@ async def test_a_dead_broker_makes_the_bus_unhealthy() -> None:
         assert isinstance(bus, KafkaBus)
         assert bus.statistics().healthy
         with trio.fail_after(15):
-            while bus.statistics().healthy:  # noqa: ASYNC110 - health is a polled snapshot
+            while bus.statistics().healthy:  # health is a polled snapshot
                 await trio.sleep(0.1)
         stats = bus.statistics()
     assert stats.last_error is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import uuid
 
 from common.contracts.huleedu.common import v1 as common_v1
 from common.contracts.huleedu.events import v1 as ev
@@ -19,7 +20,8 @@ def envelope(payload: object, seconds: float, owner: str = "teacher-1") -> Event
         payload,  # type: ignore[arg-type]
         source_service="test",
         user_id=owner,
-        event_id=f"ev-{next(_ids)}",
+        # Globally unique like real event ids: a persistent broker keeps earlier runs' events.
+        event_id=f"ev-{next(_ids)}-{uuid.uuid4().hex[:12]}",
         occurred_at=T0 + dt.timedelta(seconds=seconds),
     )
 
