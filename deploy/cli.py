@@ -28,11 +28,19 @@ def _devstack(_args: argparse.Namespace) -> int:
     return 2
 
 
+def _aggregator(_args: argparse.Namespace) -> int:
+    from aggregator.__main__ import main as aggregator_main
+
+    return aggregator_main()
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="huleedu", description="HuleEdu interface tier")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     dev = sub.add_parser("devstack", help="run the whole tier on embedded defaults")
     dev.set_defaults(func=_devstack)
+    agg = sub.add_parser("aggregator", help="run the result aggregator (HULEEDU_AGGREGATOR_*)")
+    agg.set_defaults(func=_aggregator)
     return parser
 
 

@@ -1,0 +1,61 @@
+"""``python -m aggregator`` (also ``huleedu aggregator``): run the result aggregator.
+
+Configured by environment (``HULEEDU_AGGREGATOR_*``). Prints one JSON line with the bound
+addresses once ready. SIGTERM or SIGINT: drain and exit 0.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from functools import partial
+
+import trio
+
+from aggregator.serve import serve_aggregator
+from aggregator.settings import AggregatorSettings
+from common.errors import ConfigurationError
+from common.logs import configure_logging, get_logger
+from common.settings import load_settings, redacted
+
+
+async def _run(settings: AggregatorSettings) -> None:
+    log = get_logger("aggregator")
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+
+        async def on_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("shutting down", signal=signal.Signals(signum).name)
+                    shutdown.set()
+                    return
+
+        nursery.start_soon(on_signals)
+        addresses = await nursery.start(partial(serve_aggregator, settings, shutdown=shutdown))
+        print(
+            json.dumps(
+                {"ready": True, "grpc_port": addresses.grpc_port, "ops_url": addresses.ops_url}
+            ),
+            flush=True,
+        )
+        log.info("ready", grpc_port=addresses.grpc_port, ops_url=addresses.ops_url)
+        await shutdown.wait()
+        nursery.cancel_scope.cancel()
+
+
+def main() -> int:
+    try:
+        settings = load_settings(AggregatorSettings)
+    except ConfigurationError as exc:
+        print(f"aggregator: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(service="aggregator", level=settings.log_level, json=settings.log_json)
+    get_logger("aggregator").info("config", settings=redacted(settings))
+    trio.run(_run, settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The aggregator's ops HTTP face: ``/livez``, ``/readyz``, ``/metrics`` (Prometheus)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from quart import Response
+from quart_trio import QuartTrio
+
+from aggregator.consumer import ConsumerStatistics
+from common.ttlcache import CacheStatistics
+
+__all__ = ["OpsState", "create_ops_app"]
+
+
+@dataclass
+class OpsState:
+    consumer: ConsumerStatistics
+    cache: Callable[[], CacheStatistics]
+    bus_healthy: Callable[[], bool]
+    #: Refreshed by the service's sampler task (reading it needs the store thread).
+    outbox_backlog: int = 0
+    store_open: bool = True
+    draining: bool = False
+
+    def ready(self) -> tuple[bool, dict[str, bool]]:
+        checks = {
+            "store_open": self.store_open,
+            "consumer_started": self.consumer.ready,
+            "bus_healthy": self.bus_healthy(),
+            "not_draining": not self.draining,
+        }
+        return all(checks.values()), checks
+
+
+class _Collector(Collector):
+    def __init__(self, state: OpsState) -> None:
+        self._state = state
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        records = CounterMetricFamily(
+            "huleedu_aggregator_records",
+            "Records consumed, by topic and result",
+            labels=["topic", "result"],
+        )
+        for (topic, result), count in sorted(self._state.consumer.by_topic.items()):
+            records.add_metric([topic, result], count)
+        yield records
+        dlq = CounterMetricFamily("huleedu_aggregator_dlq_records", "Records sent to the DLQ")
+        dlq.add_metric(
+            [], sum(c for (_, r), c in self._state.consumer.by_topic.items() if r == "poison")
+        )
+        yield dlq
+        cache = self._state.cache()
+        hits = CounterMetricFamily("huleedu_aggregator_cache_hits", "Query cache hits")
+        hits.add_metric([], cache.hits)
+        yield hits
+        misses = CounterMetricFamily("huleedu_aggregator_cache_misses", "Query cache misses")
+        misses.add_metric([], cache.misses)
+        yield misses
+        backlog = GaugeMetricFamily(
+            "huleedu_aggregator_outbox_backlog", "Outbox rows not yet published"
+        )
+        backlog.add_metric([], self._state.outbox_backlog)
+        yield backlog
+        assigned = GaugeMetricFamily(
+            "huleedu_aggregator_assigned_partitions", "Partitions this consumer holds"
+        )
+        assigned.add_metric([], len(self._state.consumer.assigned))
+        yield assigned
+
+
+def create_ops_app(state: OpsState) -> QuartTrio:
+    app = QuartTrio("aggregator-ops")
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(_Collector(state))
+
+    @app.route("/livez")
+    async def livez() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.route("/readyz")
+    async def readyz() -> tuple[dict[str, object], int]:
+        ready, checks = state.ready()
+        return {"ready": ready, "checks": checks}, 200 if ready else 503
+
+    @app.route("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), content_type="text/plain; version=0.0.4")
+
+    return app
