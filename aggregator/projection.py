@@ -116,6 +116,8 @@ class Change:
 
     before: Derived
     after: Derived
+    #: Why parts of the event were ignored or look wrong (kept beside the view, not in it).
+    notes: tuple[str, ...] = ()
 
     @property
     def visible(self) -> bool:
@@ -142,6 +144,7 @@ def _set_result(
     *,
     status: int,
     error: str,
+    notes: list[str],
     details: dict[str, Any] | None = None,
 ) -> None:
     """Record a phase result; status and details are separate facts, each latest-wins.
@@ -155,6 +158,8 @@ def _set_result(
         current = state.results[key] = {"stamp": stamp, "status": status, "error": error}
     elif _newer(tuple(current["stamp"]), stamp):
         current.update(stamp=stamp, status=status, error=error)
+    else:
+        notes.append(f"older {phase.name.lower()} result for essay {essay_id} ignored")
     if details is not None:
         detail_stamp = current.get("detail_stamp")
         if _newer(tuple(detail_stamp) if detail_stamp else None, stamp):
@@ -171,8 +176,11 @@ def apply_event(state: BatchState, envelope: EventEnvelope) -> Change:
     before = derive(state)
     stamp = _stamp(envelope)
     _, payload = payload_of(envelope)
+    notes: list[str] = []
     if isinstance(payload, events_v1.BatchEssaysRegistered):
-        if _newer(state.meta_stamp, stamp):
+        if not _newer(state.meta_stamp, stamp):
+            notes.append("older registration metadata ignored")
+        else:
             state.registered = True
             state.owner_user_id = payload.owner_user_id
             state.org_id = payload.org_id
@@ -196,6 +204,7 @@ def apply_event(state: BatchState, envelope: EventEnvelope) -> Change:
             Phase.SPELLCHECK,
             stamp,
             status=int(PhaseStatus.SUCCEEDED if ok else PhaseStatus.FAILED),
+            notes=notes,
             error="" if ok else payload.error,
             details={"corrections": payload.corrections_count if ok else None},
         )
@@ -207,6 +216,7 @@ def apply_event(state: BatchState, envelope: EventEnvelope) -> Change:
                 Phase.CJ_ASSESSMENT,
                 stamp,
                 status=int(PhaseStatus.SUCCEEDED),
+                notes=notes,
                 error="",
                 details={"rank": ranking.rank, "score": ranking.score, "grade": ranking.grade},
             )
@@ -217,6 +227,7 @@ def apply_event(state: BatchState, envelope: EventEnvelope) -> Change:
                 Phase.CJ_ASSESSMENT,
                 stamp,
                 status=int(PhaseStatus.FAILED),
+                notes=notes,
                 error="assessment failed",
             )
     elif isinstance(payload, events_v1.BatchPhaseOutcome):
@@ -225,7 +236,13 @@ def apply_event(state: BatchState, envelope: EventEnvelope) -> Change:
             state.outcomes[key] = {"stamp": stamp, "outcome": int(payload.outcome)}
         for essay_id in payload.succeeded_essay_ids:
             _set_result(
-                state, essay_id, payload.phase, stamp, status=int(PhaseStatus.SUCCEEDED), error=""
+                state,
+                essay_id,
+                payload.phase,
+                stamp,
+                status=int(PhaseStatus.SUCCEEDED),
+                notes=notes,
+                error="",
             )
         for essay_id in payload.failed_essay_ids:
             _set_result(
@@ -235,6 +252,7 @@ def apply_event(state: BatchState, envelope: EventEnvelope) -> Change:
                 stamp,
                 status=int(PhaseStatus.FAILED),
                 error="phase failed",
+                notes=notes,
             )
         if payload.pipeline_phases and _newer(state.pipeline_stamp, stamp):
             state.pipeline = [int(p) for p in payload.pipeline_phases]
@@ -245,8 +263,11 @@ def apply_event(state: BatchState, envelope: EventEnvelope) -> Change:
         if payload.completed_phases and _newer(state.pipeline_stamp, stamp):
             state.pipeline = [int(p) for p in payload.completed_phases]
             state.pipeline_stamp = stamp
+    if state.final is not None and not isinstance(payload, events_v1.BatchPipelineCompleted):
+        if stamp > tuple(state.final["stamp"]):
+            notes.append("event arrived after the pipeline completed")
     _touch(state, stamp)
-    return Change(before, derive(state))
+    return Change(before, derive(state), tuple(notes))
 
 
 def _essay_ids(state: BatchState) -> list[str]:

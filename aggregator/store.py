@@ -93,6 +93,7 @@ class ApplyResult:
     #: batch_id -> owner_user_id of every batch an applied event touched (cache invalidation).
     changed: dict[str, str] = field(default_factory=dict)
     outbox_rows: int = 0
+    anomalies: int = 0
     by_topic: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def count(self, topic: str, outcome: str) -> None:
@@ -206,6 +207,12 @@ class SqliteResultStore:
                 states[batch_id] = state
                 change = apply_event(state, envelope)
                 result.applied += 1
+                if change.notes:
+                    conn.executemany(
+                        "INSERT INTO anomalies (batch_id, event_id, note) VALUES (?,?,?)",
+                        [(batch_id, envelope.event_id, note) for note in change.notes],
+                    )
+                    result.anomalies += len(change.notes)
                 result.count(record.topic, "applied")
                 # Every applied event changes the view (version, updated_at): invalidate
                 # for all of them; notify only when something a teacher sees changed.
@@ -354,6 +361,17 @@ class SqliteResultStore:
         def read() -> int:
             row = self._conn.execute("SELECT count(*) FROM outbox WHERE sent = 0").fetchone()
             return int(row[0])
+
+        return await self._run(read)
+
+    async def anomalies(self, batch_id: str) -> list[str]:
+        """Notes recorded for ``batch_id`` (events that were stale or made no sense)."""
+
+        def read() -> list[str]:
+            rows = self._conn.execute(
+                "SELECT note FROM anomalies WHERE batch_id = ? ORDER BY id", (batch_id,)
+            )
+            return [r[0] for r in rows]
 
         return await self._run(read)
 

@@ -289,3 +289,35 @@ async def test_r1_consumer_killed_between_store_and_kafka_commit_loses_and_doubl
     for b in batches:
         v = await view(queries, b)
         assert v is not None and bytes(v) == expected[b], f"view of {b} differs from clean run"
+
+
+async def test_transient_store_failures_are_retried_and_never_committed_past(
+    tmp_path: Path, unique: Callable[[str], str]
+) -> None:
+    from common.errors import StorageError
+
+    async with open_memory_bus() as bus:
+        store = await open_sqlite_store(tmp_path / "agg.db")
+        queries = ResultQueries(store, TtlCache(ttl_s=60))
+        real_apply = store.apply_records
+        failures = {"left": 3}
+
+        async def flaky_apply(*args: object, **kwargs: object) -> ApplyResult:
+            if failures["left"]:
+                failures["left"] -= 1
+                raise StorageError("sqlite: database is locked", service="sqlite")
+            return await real_apply(*args, **kwargs)  # type: ignore[arg-type]
+
+        store.apply_records = flaky_apply  # type: ignore[method-assign]
+        batch = unique("b")
+        await publish(bus, E.full_run(batch))
+        group = unique("agg")
+
+        async def complete() -> bool:
+            v = await view(queries, batch)
+            return v is not None and v.status is results_v1.BatchStatus.COMPLETED_SUCCESSFULLY
+
+        await run_until(bus, store, queries, group, complete)
+        assert failures["left"] == 0, "the failures were not retried"
+        committed = bus._groups[group].committed  # the bus saw a commit only after success
+        assert sum(committed.values()) == len(E.full_run("x"))

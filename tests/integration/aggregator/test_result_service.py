@@ -251,3 +251,37 @@ async def test_outbox_rows_survive_a_crash_before_publish_and_go_out_once(tmp_pa
     ids = [decode_envelope(r.value).event_id for r in got]
     assert len(ids) == backlog
     assert len(set(ids)) == len(ids)
+
+
+async def test_stale_events_are_recorded_as_anomalies_and_change_nothing(tmp_path: Path) -> None:
+    store = await open_sqlite_store(tmp_path / "agg.db")
+    queries = ResultQueries(store, TtlCache(ttl_s=60))
+    b = "anomalous"
+    await apply(
+        store,
+        queries,
+        [
+            E.registered(b, n=1, at=50, course="NEW"),
+            E.slot(b, 0, 51),
+            E.spellcheck(b, 0, 60, corrections=5),
+        ],
+    )
+    before = await queries.get_batch(
+        results_v1.GetBatchRequest(actor=actor("teacher-1"), batch_id=b, include_essays=True)
+    )
+    # A late, older registration and an older, failed spellcheck result for the same essay.
+    await apply(
+        store, queries, [E.registered(b, n=9, at=1, course="OLD"), E.spellcheck(b, 0, 55, ok=False)]
+    )
+    after = await queries.get_batch(
+        results_v1.GetBatchRequest(actor=actor("teacher-1"), batch_id=b, include_essays=True)
+    )
+    assert before.batch is not None and after.batch is not None
+    assert after.batch.course_code == "NEW" and after.batch.expected_essay_count == 1
+    assert after.batch.essays[0].spellcheck_corrections == 5
+    assert after.batch.essays[0].phases == before.batch.essays[0].phases
+    notes = await store.anomalies(b)
+    assert notes == [
+        "older registration metadata ignored",
+        f"older spellcheck result for essay {b}-e0 ignored",
+    ]
