@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from common.contracts.huleedu.common import v1 as common_v1
@@ -92,7 +92,8 @@ class BatchState:
     version: int = 0
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        # Every field is already JSON-ready; asdict's deep copy is the slow part.
+        return json.dumps(self.__dict__, sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> BatchState:
@@ -263,9 +264,12 @@ def apply_event(state: BatchState, envelope: EventEnvelope) -> Change:
         if payload.completed_phases and _newer(state.pipeline_stamp, stamp):
             state.pipeline = [int(p) for p in payload.completed_phases]
             state.pipeline_stamp = stamp
-    if state.final is not None and not isinstance(payload, events_v1.BatchPipelineCompleted):
-        if stamp > tuple(state.final["stamp"]):
-            notes.append("event arrived after the pipeline completed")
+    if (
+        state.final is not None
+        and not isinstance(payload, events_v1.BatchPipelineCompleted)
+        and stamp > tuple(state.final["stamp"])
+    ):
+        notes.append("event arrived after the pipeline completed")
     _touch(state, stamp)
     return Change(before, derive(state), tuple(notes))
 

@@ -26,6 +26,7 @@ import trio
 from aggregator.projection import (
     BatchState,
     Change,
+    Derived,
     apply_event,
     batch_id_of,
     derive,
@@ -169,6 +170,8 @@ class SqliteResultStore:
         conn = self._conn
         result = ApplyResult()
         states: dict[str, BatchState] = {}
+        #: The derived view of each batch before this transaction touched it.
+        first_seen: dict[str, Derived] = {}
         outbox: list[Row] = []
         positions: dict[tuple[str, int], int] = {}
         stored = {
@@ -215,8 +218,15 @@ class SqliteResultStore:
                     result.anomalies += len(change.notes)
                 result.count(record.topic, "applied")
                 # Every applied event changes the view (version, updated_at): invalidate
-                # for all of them; notify only when something a teacher sees changed.
+                # for all of them.
                 result.changed[batch_id] = state.owner_user_id
+                if batch_id not in first_seen:
+                    first_seen[batch_id] = change.before
+            for batch_id, before in first_seen.items():
+                # One notification per changed batch per transaction (the latest state): the
+                # intermediate states of one transaction are superseded before anyone sees them.
+                state = states[batch_id]
+                change = Change(before, derive(state))
                 if (change.visible or change.completed_now) and state.registered:
                     outbox.extend(notify(state, change))
             for state in states.values():

@@ -1,0 +1,196 @@
+"""P8 and P9: aggregator intake into SQLite, and cached vs uncached ``GetBatch`` over gRPC.
+
+* P8 intake: realistic result events (registration, slots, spellcheck, outcomes, CJ,
+  completion; 11 per batch) applied (a) straight through the store transaction path and
+  (b) end to end through ``run_consumer`` on the memory bus (decode, dedup, project, outbox,
+  offsets, commit). Target: >= 20k events/s per process.
+* P9 queries: ``GetBatch`` (with essays) over real gRPC on loopback at 16 concurrent callers,
+  answered from the cache and with the cache defeated (every answer expired at once).
+  Target: p99 <= 5 ms at c=16, >= 1.5k rps per core.
+
+    python -m perf.bench_aggregator
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from aggregator.consumer import ConsumerStatistics, run_consumer
+from aggregator.outbox import dead_letter, notifications_for
+from aggregator.queries import ResultQueries
+from aggregator.store import open_sqlite_store
+from common.bus import Record, open_memory_bus
+from common.contracts.huleedu.common import v1 as common_v1
+from common.contracts.huleedu.results import v1 as results_v1
+from common.events import envelope_headers
+from common.rpc import open_channel, open_rpc_loop, serve_grpc
+from common.ttlcache import TtlCache
+from perf._report import median, percentile, write_report
+from tests.unit.aggregator import events as E
+
+BATCHES = 2000
+CHUNK = 500
+RUNS = 3
+QUERY_CALLS = 4000
+CONCURRENCY = 16
+
+
+def _events(prefix: str) -> list[Any]:
+    return [e for i in range(BATCHES) for e in E.full_run(f"{prefix}-{i}")]
+
+
+def _records(envelopes: list[Any]) -> list[Record]:
+    offsets: dict[str, int] = {}
+    out = []
+    for e in envelopes:
+        offset = offsets.get(e.event_type, 0)
+        offsets[e.event_type] = offset + 1
+        out.append(Record(e.event_type, 0, offset, b"k", bytes(e), tuple(envelope_headers(e))))
+    return out
+
+
+async def _intake_store(folder: Path, run: int) -> float:
+    store = await open_sqlite_store(folder / f"store-{run}.db")
+    records = _records(_events(f"s{run}"))
+    start = time.perf_counter()
+    for i in range(0, len(records), CHUNK):
+        await store.apply_records(records[i : i + CHUNK], notifications_for, dead_letter)
+    elapsed = time.perf_counter() - start
+    await store.close()
+    return len(records) / elapsed
+
+
+async def _intake_consumer(folder: Path, run: int) -> float:
+    store = await open_sqlite_store(folder / f"consumer-{run}.db")
+    envelopes = _events(f"c{run}")
+    stats = ConsumerStatistics()
+    async with open_memory_bus(max_records_per_partition=1_000_000) as bus:
+        for i in range(0, len(envelopes), 1000):
+            await bus.publish_many(
+                [
+                    (e.event_type, b"k", bytes(e), envelope_headers(e))
+                    for e in envelopes[i : i + 1000]
+                ]
+            )
+        start = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                partial(run_consumer, bus, store, invalidate=lambda _: None, stats=stats)
+            )
+            # The consumer's counters are a polled snapshot.
+            while sum(c for (_, r), c in stats.by_topic.items() if r == "applied") < len(envelopes):  # noqa: ASYNC110
+                await trio.sleep(0.01)
+            elapsed = time.perf_counter() - start
+            nursery.cancel_scope.cancel()
+    await store.close()
+    return len(envelopes) / elapsed
+
+
+async def _queries(folder: Path, cached: bool) -> dict[str, float]:
+    store = await open_sqlite_store(folder / f"query-{cached}.db")
+    records = _records(_events("q")[: 200 * 11])
+    for i in range(0, len(records), CHUNK):
+        await store.apply_records(records[i : i + CHUNK], notifications_for, dead_letter)
+    # "Uncached": every answer expires the instant it is stored.
+    cache: TtlCache[Any, Any] = TtlCache(ttl_s=300 if cached else 1e-12)
+    queries = ResultQueries(store, cache)
+    latencies: list[float] = []
+    actor = common_v1.Actor(user_id="teacher-1")
+    async with open_rpc_loop(), trio.open_nursery() as nursery:
+        port = await nursery.start(partial(serve_grpc, [queries]))
+        async with open_channel(f"127.0.0.1:{port}", service="results") as channel:
+            stub = channel.stub(results_v1.ResultServiceStub)
+
+            async def caller(n: int, k: int) -> None:
+                for j in range(n):
+                    request = results_v1.GetBatchRequest(
+                        actor=actor, batch_id=f"q-{(k * 7 + j) % 200}", include_essays=True
+                    )
+                    t = time.perf_counter()
+                    await channel.call(stub.get_batch, request)
+                    latencies.append(time.perf_counter() - t)
+
+            await caller(200, 99)  # warm-up (fills the cache when cached)
+            latencies.clear()
+            start = time.perf_counter()
+            async with trio.open_nursery() as callers:
+                for k in range(CONCURRENCY):
+                    callers.start_soon(caller, QUERY_CALLS // CONCURRENCY, k)
+            elapsed = time.perf_counter() - start
+        nursery.cancel_scope.cancel()
+    stats = cache.statistics()
+    await store.close()
+    return {
+        "rps": len(latencies) / elapsed,
+        "p50_ms": percentile(latencies, 50) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
+        "hit_ratio": stats.hits / max(1, stats.hits + stats.misses),
+    }
+
+
+async def _main() -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        store_rates = [await _intake_store(folder, r) for r in range(RUNS)]
+        consumer_rates = [await _intake_consumer(folder, r) for r in range(RUNS)]
+        cached = [await _queries(folder, True) for _ in range(RUNS)]
+        uncached = [await _queries(folder, False) for _ in range(RUNS)]
+
+    def med(runs: list[dict[str, float]]) -> dict[str, float]:
+        return {k: median([r[k] for r in runs]) for k in runs[0]}
+
+    return {
+        "intake_store_per_s": median(store_rates),
+        "intake_consumer_per_s": median(consumer_rates),
+        "cached": med(cached),
+        "uncached": med(uncached),
+    }
+
+
+def main() -> None:
+    r = trio.run(_main)
+    rows = [
+        ["P8 intake, store transaction path (events/s)", f"{r['intake_store_per_s']:.0f}", "", ""],
+        [
+            "P8 intake, consumer on the memory bus (events/s)",
+            f"{r['intake_consumer_per_s']:.0f}",
+            "",
+            "",
+        ],
+        [
+            "P9 GetBatch cached, c=16 (rps / p50 / p99 ms)",
+            f"{r['cached']['rps']:.0f}",
+            f"{r['cached']['p50_ms']:.2f}",
+            f"{r['cached']['p99_ms']:.2f}",
+        ],
+        [
+            "P9 GetBatch uncached, c=16 (rps / p50 / p99 ms)",
+            f"{r['uncached']['rps']:.0f}",
+            f"{r['uncached']['p50_ms']:.2f}",
+            f"{r['uncached']['p99_ms']:.2f}",
+        ],
+    ]
+    write_report(
+        "aggregator",
+        title="Aggregator intake (P8) and GetBatch queries (P9)",
+        columns=["measure", "rate", "p50 ms", "p99 ms"],
+        rows=rows,
+        data=r,
+        notes=[
+            f"median of {RUNS} runs; {BATCHES} batches x 11 events for intake, chunks of {CHUNK}.",
+            f"queries: {QUERY_CALLS} GetBatch calls (3 essays each) over loopback gRPC, client "
+            "and server in one process; cached hit ratio "
+            f"{r['cached']['hit_ratio']:.2f}, uncached {r['uncached']['hit_ratio']:.2f}.",
+        ],
+    )
+    print(r)
+
+
+if __name__ == "__main__":
+    main()
