@@ -25,7 +25,7 @@ from aggregator.consumer import ConsumerStatistics, run_consumer
 from aggregator.outbox import dead_letter, notifications_for
 from aggregator.queries import ResultQueries
 from aggregator.store import open_sqlite_store
-from common.bus import Record, open_memory_bus
+from common.bus import open_memory_bus
 from common.contracts.huleedu.common import v1 as common_v1
 from common.contracts.huleedu.results import v1 as results_v1
 from common.events import envelope_headers
@@ -45,19 +45,9 @@ def _events(prefix: str) -> list[Any]:
     return [e for i in range(BATCHES) for e in E.full_run(f"{prefix}-{i}")]
 
 
-def _records(envelopes: list[Any]) -> list[Record]:
-    offsets: dict[str, int] = {}
-    out = []
-    for e in envelopes:
-        offset = offsets.get(e.event_type, 0)
-        offsets[e.event_type] = offset + 1
-        out.append(Record(e.event_type, 0, offset, b"k", bytes(e), tuple(envelope_headers(e))))
-    return out
-
-
 async def _intake_store(folder: Path, run: int) -> float:
     store = await open_sqlite_store(folder / f"store-{run}.db")
-    records = _records(_events(f"s{run}"))
+    records = E.as_records(_events(f"s{run}"))
     start = time.perf_counter()
     for i in range(0, len(records), CHUNK):
         await store.apply_records(records[i : i + CHUNK], notifications_for, dead_letter)
@@ -94,7 +84,7 @@ async def _intake_consumer(folder: Path, run: int) -> float:
 
 async def _queries(folder: Path, cached: bool) -> dict[str, float]:
     store = await open_sqlite_store(folder / f"query-{cached}.db")
-    records = _records(_events("q")[: 200 * 11])
+    records = E.as_records(_events("q")[: 200 * 11])
     for i in range(0, len(records), CHUNK):
         await store.apply_records(records[i : i + CHUNK], notifications_for, dead_letter)
     # "Uncached": every answer expires the instant it is stored.

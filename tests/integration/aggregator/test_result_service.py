@@ -13,11 +13,11 @@ import trio
 from aggregator.outbox import dead_letter, notifications_for, run_outbox_relay
 from aggregator.queries import ResultQueries
 from aggregator.store import SqliteResultStore, open_sqlite_store
-from common.bus import Record, open_memory_bus
+from common.bus import open_memory_bus
 from common.contracts.huleedu.common import v1 as common_v1
 from common.contracts.huleedu.results import v1 as results_v1
 from common.errors import NotFoundError, ValidationError
-from common.events import EventEnvelope, Topic, decode_envelope, envelope_headers
+from common.events import EventEnvelope, Topic, decode_envelope
 from common.rpc import RpcChannel, open_channel, open_rpc_loop, serve_grpc
 from common.ttlcache import TtlCache
 from tests.unit.aggregator import events as E
@@ -27,15 +27,6 @@ Status = results_v1.BatchStatus
 _offsets: dict[str, int] = {}
 
 
-def records(envelopes: list[EventEnvelope]) -> list[Record]:
-    out = []
-    for e in envelopes:
-        offset = _offsets.get(e.event_type, 0)
-        _offsets[e.event_type] = offset + 1
-        out.append(Record(e.event_type, 0, offset, b"k", bytes(e), tuple(envelope_headers(e))))
-    return out
-
-
 async def apply(
     store: SqliteResultStore, queries: ResultQueries, envs: list[EventEnvelope]
 ) -> None:
@@ -43,7 +34,7 @@ async def apply(
         trio.from_thread.run_sync(queries.invalidate, result.changed)  # type: ignore[attr-defined]
 
     await store.apply_records(
-        records(envs), notifications_for, dead_letter, before_commit=invalidate
+        E.as_records(envs, _offsets), notifications_for, dead_letter, before_commit=invalidate
     )
 
 

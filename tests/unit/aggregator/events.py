@@ -6,9 +6,10 @@ import datetime as dt
 import itertools
 import uuid
 
+from common.bus import Record
 from common.contracts.huleedu.common import v1 as common_v1
 from common.contracts.huleedu.events import v1 as ev
-from common.events import EventEnvelope, make_envelope
+from common.events import EventEnvelope, envelope_headers, make_envelope
 
 Phase = common_v1.PipelinePhase
 T0 = dt.datetime(2026, 12, 1, 9, 0, tzinfo=dt.UTC)
@@ -141,3 +142,17 @@ def full_run(batch: str, owner: str = "teacher-1", *, final: bool = True) -> lis
     for e in events:
         e.user_id = owner
     return events
+
+
+def as_records(
+    envelopes: list[EventEnvelope], offsets: dict[str, int] | None = None
+) -> list[Record]:
+    """Bus records for ``envelopes`` (partition 0 of each topic). Pass the same ``offsets``
+    dict across calls to keep offsets rising, as a store applying several batches needs."""
+    offsets = {} if offsets is None else offsets
+    out = []
+    for e in envelopes:
+        offset = offsets.get(e.event_type, 0)
+        offsets[e.event_type] = offset + 1
+        out.append(Record(e.event_type, 0, offset, b"k", bytes(e), tuple(envelope_headers(e))))
+    return out
