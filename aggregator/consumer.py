@@ -35,6 +35,7 @@ class ConsumerStatistics:
     batches: int = 0
     by_topic: dict[tuple[str, str], int] = field(default_factory=dict)
     assigned: frozenset[TopicPartition] = frozenset()
+    lag: dict[TopicPartition, int] = field(default_factory=dict)
     ready: bool = False
 
 
@@ -70,6 +71,7 @@ async def run_consumer(
         while True:
             batch = await sub.get_batch(max_records=batch_max, timeout_s=1.0)
             stats.assigned = sub.assignment()
+            stats.lag = sub.lag()
             if not batch:
                 continue
             result = await retry(

@@ -67,6 +67,17 @@ class _Collector(Collector):
         )
         backlog.add_metric([], self._state.outbox_backlog)
         yield backlog
+        lag = GaugeMetricFamily(
+            "huleedu_aggregator_consumer_lag_records",
+            "Records behind the end of the log, by topic",
+            labels=["topic"],
+        )
+        by_topic: dict[str, int] = {}
+        for tp, behind in self._state.consumer.lag.items():
+            by_topic[tp.topic] = by_topic.get(tp.topic, 0) + behind
+        for topic, behind in sorted(by_topic.items()):
+            lag.add_metric([topic], behind)
+        yield lag
         assigned = GaugeMetricFamily(
             "huleedu_aggregator_assigned_partitions", "Partitions this consumer holds"
         )

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -58,6 +59,8 @@ PRODUCER_POLL_S = 0.1
 FLUSH_TIMEOUT_S = 10.0
 #: Seconds one admin request may take.
 ADMIN_TIMEOUT_S = 15.0
+#: Seconds between consumer-lag samples (taken on the consumer's thread, from its cache).
+LAG_SAMPLE_S = 1.0
 #: Back-off when librdkafka's local queue is full (``BufferError``).
 QUEUE_FULL_BACKOFF_S = 0.01
 
@@ -302,9 +305,24 @@ class _KafkaSubscription:
         self._assigned: set[TopicPartition] = set()
         self._committed: dict[TopicPartition, int] = {}
         self._lock = trio.Lock()  # one call into the consumer at a time
+        self._lag: dict[TopicPartition, int] = {}
+        self._lag_at = -math.inf
 
     def assignment(self) -> frozenset[TopicPartition]:
         return frozenset(self._assigned)
+
+    def lag(self) -> dict[TopicPartition, int]:
+        return dict(self._lag)
+
+    def _sample_lag(self) -> None:
+        """On the consumer's thread: end-of-log minus position, from librdkafka's cache."""
+        parts = [KafkaTopicPartition(tp.topic, tp.partition) for tp in self._assigned]
+        lag: dict[TopicPartition, int] = {}
+        for p in self._consumer.position(parts) if parts else []:
+            _, high = self._consumer.get_watermark_offsets(p, cached=True)
+            if high >= 0 and p.offset >= 0:
+                lag[TopicPartition(p.topic, p.partition)] = max(0, high - p.offset)
+        self._lag = lag
 
     # These run on the worker thread inside consume(), where librdkafka calls them.
 
@@ -359,6 +377,10 @@ class _KafkaSubscription:
         ``consume(n, t)`` alone waits until it has ``n`` messages or ``t`` passed, which under
         a light stream adds up to ``t`` of latency to every record.
         """
+        now = time.monotonic()
+        if now - self._lag_at >= LAG_SAMPLE_S:
+            self._lag_at = now
+            self._sample_lag()
         messages = self._consumer.consume(max_records, 0)
         if messages or wait <= 0:
             return messages

@@ -233,6 +233,13 @@ class _MemorySubscription:
     def assignment(self) -> frozenset[TopicPartition]:
         return frozenset(self._positions)
 
+    def lag(self) -> dict[TopicPartition, int]:
+        out = {}
+        for tp, position in self._positions.items():
+            part = self._bus._topics[tp.topic][tp.partition]
+            out[tp] = max(0, part.next_offset - max(position, part.first_offset()))
+        return out
+
     def release_all(self) -> None:
         for tp in list(self._positions):
             if self._group.holder.get(tp) is self:

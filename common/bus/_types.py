@@ -102,6 +102,10 @@ class Subscription(Protocol):
 
     def assignment(self) -> frozenset[TopicPartition]: ...
 
+    def lag(self) -> dict[TopicPartition, int]:
+        """Records behind the end of each held partition (a recent snapshot)."""
+        ...
+
 
 class EventBus(Protocol):
     async def publish(

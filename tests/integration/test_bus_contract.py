@@ -252,3 +252,21 @@ async def test_publish_fails_loudly_when_the_bus_cannot_accept(
             await kafka.publish("never-there", b"v", key=b"k")
         assert "not acknowledged" in str(info.value)
         assert kafka.statistics().publish_failures == 1
+
+
+async def test_lag_reports_how_far_behind_the_log_a_member_is(
+    bus: EventBus, unique: Callable[[str], str]
+) -> None:
+    topic = unique("lag")
+    await bus.ensure_topics([topic], partitions=1)
+    await bus.publish_many([(topic, b"k", f"{i}".encode(), ()) for i in range(10)])
+    tp = TopicPartition(topic, 0)
+    async with bus.subscribe([topic], unique("g")) as sub:
+        await take(sub, 4)
+        await trio.sleep(1.1)  # the Kafka bus samples lag at most once a second
+        await take(sub, 1)
+        assert sub.lag().get(tp) in (5, 6), sub.lag()  # a snapshot from before or after the hop
+        await take(sub, 5)
+        await trio.sleep(1.1)
+        await sub.get_batch(timeout_s=0.3)
+        assert sub.lag().get(tp) == 0, sub.lag()

@@ -113,4 +113,5 @@ async def test_in_process_service_applies_events_and_answers_queries(tmp_path: P
         async with httpx.AsyncClient() as client:
             metrics = (await client.get(f"{url}/metrics")).text
         assert 'huleedu_aggregator_records_total{result="applied"' in metrics
+        assert "huleedu_aggregator_consumer_lag_records{topic=" in metrics
         shutdown.set()
