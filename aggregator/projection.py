@@ -28,16 +28,18 @@ from typing import Any
 from common.contracts.huleedu.common import v1 as common_v1
 from common.contracts.huleedu.events import v1 as events_v1
 from common.contracts.huleedu.results import v1 as results_v1
-from common.events import EventEnvelope, payload_of
+from common.events import EventEnvelope, PbEnvelope
 
 __all__ = [
     "BatchState",
     "Change",
     "Derived",
     "apply_event",
+    "as_pb",
     "batch_id_of",
     "derive",
     "essays_finished",
+    "fold_event",
     "to_batch_summary",
     "to_batch_view",
 ]
@@ -58,8 +60,19 @@ _DONE = frozenset(_FINAL.values())
 Stamp = tuple[str, str]
 
 
-def _stamp(envelope: EventEnvelope) -> Stamp:
-    at = envelope.occurred_at or dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+def as_pb(envelope: Any) -> Any:
+    """The upb form of ``envelope`` (the store passes upb already; tests pass betterproto2)."""
+    if isinstance(envelope, EventEnvelope):
+        return PbEnvelope.FromString(bytes(envelope))
+    return envelope
+
+
+def _stamp(envelope: Any) -> Stamp:
+    at = (
+        envelope.occurred_at.ToDatetime(tzinfo=dt.UTC)
+        if envelope.HasField("occurred_at")
+        else dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    )
     return (at.astimezone(dt.UTC).isoformat(), envelope.event_id)
 
 
@@ -172,13 +185,25 @@ def _touch(state: BatchState, stamp: Stamp) -> None:
     state.updated_at = max(state.updated_at, stamp[0])
 
 
-def apply_event(state: BatchState, envelope: EventEnvelope) -> Change:
+def apply_event(state: BatchState, envelope: Any) -> Change:
     """Fold one (already deduplicated) event into ``state``; returns the view change."""
     before = derive(state)
+    notes = fold_event(state, envelope)
+    return Change(before, derive(state), notes)
+
+
+def fold_event(state: BatchState, envelope: Any) -> tuple[str, ...]:
+    """Fold one (already deduplicated) event into ``state``; returns anomaly notes.
+
+    The cheap core of :func:`apply_event`: a caller folding many events derives the view
+    only where it needs it.
+    """
+    envelope = as_pb(envelope)
     stamp = _stamp(envelope)
-    _, payload = payload_of(envelope)
+    kind = envelope.WhichOneof("payload")
+    payload: Any = getattr(envelope, kind) if kind else None
     notes: list[str] = []
-    if isinstance(payload, events_v1.BatchEssaysRegistered):
+    if kind == "batch_essays_registered":
         if not _newer(state.meta_stamp, stamp):
             notes.append("older registration metadata ignored")
         else:
@@ -189,7 +214,7 @@ def apply_event(state: BatchState, envelope: EventEnvelope) -> Change:
             state.expected_essay_count = payload.expected_essay_count
             state.meta_stamp = stamp
         state.created_at = min(state.created_at or stamp[0], stamp[0])
-    elif isinstance(payload, events_v1.EssaySlotAssigned):
+    elif kind == "essay_slot_assigned":
         current = state.slots.get(payload.essay_id)
         if _newer(tuple(current["stamp"]) if current else None, stamp):
             state.slots[payload.essay_id] = {
@@ -197,7 +222,7 @@ def apply_event(state: BatchState, envelope: EventEnvelope) -> Change:
                 "filename": payload.filename,
                 "file_id": payload.file_id,
             }
-    elif isinstance(payload, events_v1.SpellcheckResult):
+    elif kind == "spellcheck_result":
         ok = payload.outcome == events_v1.EssayPhaseOutcome.SUCCEEDED
         _set_result(
             state,
@@ -209,7 +234,7 @@ def apply_event(state: BatchState, envelope: EventEnvelope) -> Change:
             error="" if ok else payload.error,
             details={"corrections": payload.corrections_count if ok else None},
         )
-    elif isinstance(payload, events_v1.AssessmentResultPublished):
+    elif kind == "assessment_result_published":
         for ranking in payload.rankings:
             _set_result(
                 state,
@@ -231,7 +256,7 @@ def apply_event(state: BatchState, envelope: EventEnvelope) -> Change:
                 notes=notes,
                 error="assessment failed",
             )
-    elif isinstance(payload, events_v1.BatchPhaseOutcome):
+    elif kind == "batch_phase_outcome":
         key = str(int(payload.phase))
         if _newer(tuple(state.outcomes[key]["stamp"]) if key in state.outcomes else None, stamp):
             state.outcomes[key] = {"stamp": stamp, "outcome": int(payload.outcome)}
@@ -239,7 +264,7 @@ def apply_event(state: BatchState, envelope: EventEnvelope) -> Change:
             _set_result(
                 state,
                 essay_id,
-                payload.phase,
+                Phase(payload.phase),
                 stamp,
                 status=int(PhaseStatus.SUCCEEDED),
                 notes=notes,
@@ -249,7 +274,7 @@ def apply_event(state: BatchState, envelope: EventEnvelope) -> Change:
             _set_result(
                 state,
                 essay_id,
-                payload.phase,
+                Phase(payload.phase),
                 stamp,
                 status=int(PhaseStatus.FAILED),
                 error="phase failed",
@@ -258,7 +283,7 @@ def apply_event(state: BatchState, envelope: EventEnvelope) -> Change:
         if payload.pipeline_phases and _newer(state.pipeline_stamp, stamp):
             state.pipeline = [int(p) for p in payload.pipeline_phases]
             state.pipeline_stamp = stamp
-    elif isinstance(payload, events_v1.BatchPipelineCompleted):
+    elif kind == "batch_pipeline_completed":
         if _newer(tuple(state.final["stamp"]) if state.final else None, stamp):
             state.final = {"stamp": stamp, "final_status": int(payload.final_status)}
         if payload.completed_phases and _newer(state.pipeline_stamp, stamp):
@@ -266,12 +291,12 @@ def apply_event(state: BatchState, envelope: EventEnvelope) -> Change:
             state.pipeline_stamp = stamp
     if (
         state.final is not None
-        and not isinstance(payload, events_v1.BatchPipelineCompleted)
+        and kind != "batch_pipeline_completed"
         and stamp > tuple(state.final["stamp"])
     ):
         notes.append("event arrived after the pipeline completed")
     _touch(state, stamp)
-    return Change(before, derive(state), tuple(notes))
+    return tuple(notes)
 
 
 def _essay_ids(state: BatchState) -> list[str]:
@@ -421,8 +446,9 @@ def essays_finished(state: BatchState) -> int:
     )
 
 
-def batch_id_of(envelope: EventEnvelope) -> str:
+def batch_id_of(envelope: Any) -> str:
     """The batch an event belongs to (every result payload names one)."""
-    _, payload = payload_of(envelope)
-    value = getattr(payload, "batch_id", "")
+    envelope = as_pb(envelope)
+    kind = envelope.WhichOneof("payload")
+    value = getattr(getattr(envelope, kind), "batch_id", "") if kind else ""
     return value if isinstance(value, str) else ""

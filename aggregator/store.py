@@ -27,14 +27,14 @@ from aggregator.projection import (
     BatchState,
     Change,
     Derived,
-    apply_event,
     batch_id_of,
     derive,
     essays_finished,
+    fold_event,
 )
 from common.bus import Record, TopicPartition
 from common.errors import StorageError, ValidationError
-from common.events import PoisonMessageError, decode_envelope
+from common.events import PoisonMessageError, parse_envelope
 
 __all__ = [
     "ApplyResult",
@@ -187,7 +187,7 @@ class SqliteResultStore:
                     continue
                 positions[key] = max(positions.get(key, 0), record.offset + 1)
                 try:
-                    envelope = decode_envelope(record.value, expected_topics=(record.topic,))
+                    envelope = parse_envelope(record.value, expected_topics=(record.topic,))
                     if not batch_id_of(envelope):
                         raise PoisonMessageError(
                             "payload has no batch_id", reason="invalid_payload", field="batch_id"
@@ -208,29 +208,28 @@ class SqliteResultStore:
                 batch_id = batch_id_of(envelope)
                 state = states.get(batch_id) or self._load_sync(batch_id) or BatchState(batch_id)
                 states[batch_id] = state
-                change = apply_event(state, envelope)
+                if batch_id not in first_seen:
+                    first_seen[batch_id] = derive(state)
+                notes = fold_event(state, envelope)
                 result.applied += 1
-                if change.notes:
+                if notes:
                     conn.executemany(
                         "INSERT INTO anomalies (batch_id, event_id, note) VALUES (?,?,?)",
-                        [(batch_id, envelope.event_id, note) for note in change.notes],
+                        [(batch_id, envelope.event_id, note) for note in notes],
                     )
-                    result.anomalies += len(change.notes)
+                    result.anomalies += len(notes)
                 result.count(record.topic, "applied")
                 # Every applied event changes the view (version, updated_at): invalidate
                 # for all of them.
                 result.changed[batch_id] = state.owner_user_id
-                if batch_id not in first_seen:
-                    first_seen[batch_id] = change.before
             for batch_id, before in first_seen.items():
                 # One notification per changed batch per transaction (the latest state): the
                 # intermediate states of one transaction are superseded before anyone sees them.
                 state = states[batch_id]
-                change = Change(before, derive(state))
+                derived = derive(state)
+                change = Change(before, derived)
                 if (change.visible or change.completed_now) and state.registered:
                     outbox.extend(notify(state, change))
-            for state in states.values():
-                derived = derive(state)
                 done = essays_finished(state)
                 conn.execute(
                     "INSERT INTO batches (batch_id, owner_user_id, registered, status, created_at,"

@@ -14,11 +14,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["CONTRACTS_DIR", "PROTO_DIR", "generate", "main"]
+__all__ = ["CONTRACTS_DIR", "DESCRIPTOR_SET", "PROTO_DIR", "generate", "main"]
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
 CONTRACTS_DIR = ROOT / "common" / "contracts"
+DESCRIPTOR_SET = "descriptors.binpb"
 _HEADER = '"""Generated from proto/ by `make proto` (betterproto2). Do not edit."""\n'
 
 
@@ -36,6 +37,9 @@ def generate(out_dir: Path) -> None:
         "-m",
         "grpc_tools.protoc",
         f"-I{PROTO_DIR}",
+        # The same contracts as a descriptor set, for protobuf's C (upb) codec on hot paths.
+        "--include_imports",
+        f"--descriptor_set_out={out_dir / DESCRIPTOR_SET}",
         f"--python_betterproto2_out={out_dir}",
         "--python_betterproto2_opt=client_generation=async,server_generation=async",
         *[str(p.relative_to(PROTO_DIR)) for p in proto_files()],

@@ -15,6 +15,7 @@ from common.events import (
     decode_envelope,
     envelope_headers,
     make_envelope,
+    parse_envelope,
     payload_of,
 )
 
@@ -131,3 +132,37 @@ def test_unexpected_event_type_is_refused_when_topics_given() -> None:
     with pytest.raises(PoisonMessageError) as info:
         decode_envelope(bytes(env), expected_topics=RESULT_TOPICS)
     assert info.value.reason == "unexpected_event_type"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"\xff\xff\xff\xff",
+        b"\x0a\x05abc",
+        b"",
+        bytes(EventEnvelope(event_id="x", event_type=Topic.SPELLCHECK_RESULTS)),
+        bytes(
+            EventEnvelope(
+                event_id="x",
+                event_type=Topic.ASSESSMENT_RESULT,
+                spellcheck_result=ev.SpellcheckResult(),
+            )
+        ),
+    ],
+)
+def test_both_decoders_refuse_the_same_values_for_the_same_reason(value: bytes) -> None:
+    reasons = []
+    for decode in (decode_envelope, parse_envelope):
+        with pytest.raises(PoisonMessageError) as info:
+            decode(value)
+        reasons.append(info.value.reason)
+    assert reasons[0] == reasons[1], reasons
+
+
+def test_the_upb_envelope_reads_what_betterproto_wrote_and_back() -> None:
+    env = make_envelope(_spellcheck(), source_service="s", user_id="u1", event_id="e-1")
+    pb = parse_envelope(bytes(env))
+    assert pb.WhichOneof("payload") == "spellcheck_result"
+    assert (pb.event_id, pb.user_id, pb.spellcheck_result.corrections_count) == ("e-1", "u1", 4)
+    assert pb.spellcheck_result.outcome == ev.EssayPhaseOutcome.SUCCEEDED
+    assert decode_envelope(pb.SerializeToString()) == env
