@@ -265,7 +265,7 @@ class CircuitBreaker:
     async def call(
         self,
         fn: Callable[[Unpack[Ts]], Awaitable[T]],
-        *args: Unpack[Ts],
+        *args: *Ts,
         classify: Callable[[Exception], bool] | None = None,
         clock: Clock | None = None,
     ) -> T:

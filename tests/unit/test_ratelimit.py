@@ -41,11 +41,11 @@ def test_a_denial_says_exactly_when_to_come_back() -> None:
 def test_remaining_and_reset_count_down_and_refill() -> None:
     limiter = GcraLimiter(TEN_PER_S_BURST_5)
     first = limiter.check("u", 0.0)
-    assert (first.remaining, first.reset_after_s) == (4, pytest.approx(0.1, abs=1e-9))
+    assert first.remaining == 4 and first.reset_after_s == pytest.approx(0.1, abs=1e-9), first
     for _ in range(3):
         limiter.check("u", 0.0)
     last = limiter.check("u", 0.0)
-    assert (last.remaining, last.reset_after_s) == (0, pytest.approx(0.5, abs=1e-9))
+    assert last.remaining == 0 and last.reset_after_s == pytest.approx(0.5, abs=1e-9), last
     assert limiter.peek("u", 0.25).remaining == 1, "2.5 refilled slots: one usable after this"
     assert limiter.peek("u", 0.5).remaining == 4, "full again half a second later"
 
@@ -173,6 +173,18 @@ async def test_acquire_ends_at_the_exact_scheduled_times(
         times.append(trio.current_time() - start)
     assert times == pytest.approx([0, 0, 0, 0, 0, 0.1, 0.2, 0.3], abs=1e-9), times
     assert limiter.statistics().denied == 0, "waiting in acquire is not a refusal"
+
+
+async def test_acquire_is_a_checkpoint_even_when_admitted_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    limiter = GcraLimiter(TEN_PER_S_BURST_5)
+    with trio.testing.assert_checkpoints():
+        await acquire(limiter, "u")
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await acquire(limiter, "u")
+    assert limiter.statistics().allowed == 1, "a cancelled acquire consumed a slot"
 
 
 async def test_concurrent_acquirers_share_the_rate(autojump_clock: trio.testing.MockClock) -> None:
