@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import sqlite3
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,9 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+#: Parsed batch states kept for the apply path (memory <= this x one state's size).
+STATE_CACHE = 20_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -141,9 +145,15 @@ class ResultStore(Protocol):
 class SqliteResultStore:
     """See the module docstring. Create with :func:`open_sqlite_store`."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, *, state_cache: int = STATE_CACHE) -> None:
         self._conn = conn
         self._limiter = trio.CapacityLimiter(1)
+        # Parsed batch states for the apply path only (store thread): a batch's events arrive
+        # spread over topics and transactions, and re-parsing its JSON each time is a large
+        # share of intake. Mutated in place by a transaction, so replaced after COMMIT and
+        # evicted on ROLLBACK; queries never see these objects (they read the database).
+        self._states: OrderedDict[str, BatchState] = OrderedDict()
+        self._state_cache = state_cache
 
     async def _run(self, fn: Callable[[], T]) -> T:
         try:
@@ -153,6 +163,12 @@ class SqliteResultStore:
             raise StorageError(f"sqlite: {exc}", service="sqlite") from None
 
     # -- applying -------------------------------------------------------------------------------
+
+    def _state_for_apply(self, batch_id: str) -> BatchState:
+        cached = self._states.pop(batch_id, None)
+        if cached is not None:
+            return cached
+        return self._load_sync(batch_id) or BatchState(batch_id)
 
     def _load_sync(self, batch_id: str) -> BatchState | None:
         row = self._conn.execute(
@@ -206,7 +222,7 @@ class SqliteResultStore:
                     result.count(record.topic, "duplicate")
                     continue
                 batch_id = batch_id_of(envelope)
-                state = states.get(batch_id) or self._load_sync(batch_id) or BatchState(batch_id)
+                state = states.get(batch_id) or self._state_for_apply(batch_id)
                 states[batch_id] = state
                 if batch_id not in first_seen:
                     first_seen[batch_id] = derive(state)
@@ -265,7 +281,13 @@ class SqliteResultStore:
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
+            # Taken states were popped from the cache and may be half-mutated: dropping them
+            # means the next transaction re-reads the committed truth.
             raise
+        for batch_id, state in states.items():
+            self._states[batch_id] = state
+        while len(self._states) > self._state_cache:
+            self._states.popitem(last=False)
         return result
 
     async def apply_records(

@@ -276,3 +276,48 @@ async def test_stale_events_are_recorded_as_anomalies_and_change_nothing(tmp_pat
         "older registration metadata ignored",
         f"older spellcheck result for essay {b}-e0 ignored",
     ]
+
+
+async def test_a_failed_transaction_leaves_no_trace_in_views_or_cached_states(
+    tmp_path: Path,
+) -> None:
+    class Boom(Exception):
+        pass
+
+    def explode(_: object) -> None:
+        raise Boom  # the last step before COMMIT fails
+
+    events = E.full_run("rb")
+    request = results_v1.GetBatchRequest(
+        actor=actor("teacher-1"), batch_id="rb", include_essays=True
+    )
+    store = await open_sqlite_store(tmp_path / "agg.db")
+    queries = ResultQueries(store, TtlCache(ttl_s=60))
+    await apply(store, queries, events[:3])
+    offsets = dict(_offsets)
+    with pytest.raises(Boom):
+        await store.apply_records(
+            E.as_records(events[3:], dict(offsets)),
+            notifications_for,
+            dead_letter,
+            before_commit=explode,
+        )
+    after_failure = await queries.get_batch(request)
+    assert after_failure.batch is not None and after_failure.batch.version == 3
+    # The same records again (same offsets): applied exactly as if the failure never was.
+    await store.apply_records(
+        E.as_records(events[3:], dict(offsets)),
+        notifications_for,
+        dead_letter,
+        before_commit=lambda r: trio.from_thread.run_sync(queries.invalidate, r.changed),
+    )
+    clean = await open_sqlite_store(tmp_path / "clean.db")
+    clean_q = ResultQueries(clean, TtlCache(ttl_s=60))
+    await store_apply_all(clean, events)
+    got = await queries.get_batch(request)
+    want = await clean_q.get_batch(request)
+    assert bytes(got) == bytes(want)
+
+
+async def store_apply_all(store: SqliteResultStore, events: list[EventEnvelope]) -> None:
+    await store.apply_records(E.as_records(events), notifications_for, dead_letter)
