@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -371,13 +370,13 @@ class _KafkaSubscription:
             timestamp_ms=ts,
         )
 
-    def _fetch(self, max_records: int, wait: float) -> list[Message]:
+    def _fetch(self, max_records: int, wait: float, now: float) -> list[Message]:
         """One thread hop: what is queued now, else the first arrival plus what follows it.
 
         ``consume(n, t)`` alone waits until it has ``n`` messages or ``t`` passed, which under
         a light stream adds up to ``t`` of latency to every record.
         """
-        now = time.monotonic()
+        # ``now`` is the Trio clock, read by the caller (this runs on the worker thread).
         if now - self._lag_at >= LAG_SAMPLE_S:
             self._lag_at = now
             self._sample_lag()
@@ -399,7 +398,9 @@ class _KafkaSubscription:
                 remaining = deadline - trio.current_time()
                 wait = max(0.0, min(step, remaining))
                 try:
-                    messages = await trio.to_thread.run_sync(self._fetch, max_records, wait)
+                    messages = await trio.to_thread.run_sync(
+                        self._fetch, max_records, wait, trio.current_time()
+                    )
                 except KafkaException as exc:
                     raise BusError(f"consume: {exc}", service="kafka") from None
                 records = [r for r in map(self._to_record, messages) if r is not None]
