@@ -16,7 +16,7 @@ from functools import partial
 import trio
 
 from aggregator.outbox import dead_letter, notifications_for
-from aggregator.store import ApplyResult, SqliteResultStore
+from aggregator.store import ApplyResult, ResultStore
 from common.backoff import BackoffPolicy, retry
 from common.bus import EventBus, TopicPartition
 from common.errors import StorageError
@@ -41,7 +41,7 @@ class ConsumerStatistics:
 
 async def run_consumer(
     bus: EventBus,
-    store: SqliteResultStore,
+    store: ResultStore,
     *,
     invalidate: Callable[[Mapping[str, str]], None],
     on_applied: Callable[[ApplyResult], None] | None = None,

@@ -116,7 +116,6 @@ async def run_outbox_relay(
     store: OutboxStore,
     bus: EventBus,
     *,
-    wake: trio.Event | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Publish outbox rows forever (in id order), marking each batch sent after its acks."""

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import trio
 
 from aggregator.projection import to_batch_summary, to_batch_view
-from aggregator.store import SqliteResultStore
+from aggregator.store import ResultStore
 from common.contracts.huleedu.common import v1 as common_v1
 from common.contracts.huleedu.results import v1 as results_v1
 from common.errors import NotFoundError, ValidationError
@@ -59,7 +59,7 @@ def _untoken(token: str, filter_key: str) -> tuple[str, str]:
 
 
 class ResultQueries(results_v1.ResultServiceBase):
-    def __init__(self, store: SqliteResultStore, cache: TtlCache[Any, Any]) -> None:
+    def __init__(self, store: ResultStore, cache: TtlCache[Any, Any]) -> None:
         self._store = store
         self._cache = cache
 

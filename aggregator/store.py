@@ -141,6 +141,10 @@ class ResultStore(Protocol):
 
     async def outbox_backlog(self) -> int: ...
 
+    async def anomalies(self, batch_id: str) -> list[str]: ...
+
+    async def close(self) -> None: ...
+
 
 class SqliteResultStore:
     """See the module docstring. Create with :func:`open_sqlite_store`."""

@@ -15,6 +15,7 @@ import trio
 
 from aggregator.consumer import run_consumer
 from aggregator.outbox import run_outbox_relay
+from aggregator.projection import batch_id_of
 from aggregator.queries import ResultQueries
 from aggregator.store import ApplyResult, SqliteResultStore, open_sqlite_store
 from common.bus import EventBus, Record, open_kafka_bus, open_memory_bus
@@ -49,7 +50,7 @@ async def bus(request: pytest.FixtureRequest) -> AsyncIterator[EventBus]:
 
 async def publish(bus: EventBus, envelopes: list[EventEnvelope]) -> None:
     await bus.publish_many(
-        [(e.event_type, E_batch(e).encode(), bytes(e), envelope_headers(e)) for e in envelopes]
+        [(e.event_type, batch_id_of(e).encode(), bytes(e), envelope_headers(e)) for e in envelopes]
     )
 
 
