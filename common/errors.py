@@ -18,6 +18,9 @@ invariant of our own is :class:`InternalError`. Anything else that escapes is a 
     │   ├── ConflictError                conflict           409  ALREADY_EXISTS      1008
     │   ├── PayloadTooLargeError         payload_too_large  413  RESOURCE_EXHAUSTED  1009
     │   ├── UnsupportedMediaTypeError    unsupported_media_type 415 INVALID_ARGUMENT 1003
+    │   ├── RequestTimeoutError          request_timeout    408  INVALID_ARGUMENT    1008
+    │   ├── HeadersTooLargeError         headers_too_large  431  INVALID_ARGUMENT    1008
+    │   ├── MethodNotAllowedError        method_not_allowed 405  INVALID_ARGUMENT    1008
     │   └── RateLimitedError             rate_limited       429  RESOURCE_EXHAUSTED  4029
     ├── DependencyError                  dependency_failed  502  UNAVAILABLE         1011
     │   ├── UnavailableError             unavailable        503  UNAVAILABLE         1013
@@ -58,13 +61,16 @@ __all__ = [
     "DeadlineExceededError",
     "DependencyError",
     "GrpcStatus",
+    "HeadersTooLargeError",
     "HuleEduError",
     "InternalError",
+    "MethodNotAllowedError",
     "NotFoundError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
     "PublishError",
     "RateLimitedError",
+    "RequestTimeoutError",
     "SessionRevokedError",
     "StorageError",
     "TokenExpiredError",
@@ -248,6 +254,28 @@ class UnsupportedMediaTypeError(ClientError):
     grpc_status = GrpcStatus.INVALID_ARGUMENT
     ws_close_code = WsCloseCode.UNSUPPORTED_DATA
     title = "Unsupported media type"
+
+
+class RequestTimeoutError(ClientError):
+    """The client did not send its request (body) within the deadline; the connection is cut."""
+
+    code = "request_timeout"
+    http_status = 408
+    title = "Request timeout"
+
+
+class HeadersTooLargeError(ClientError):
+    """The request headers exceed the size cap (``field`` names the limit)."""
+
+    code = "headers_too_large"
+    http_status = 431
+    title = "Request header fields too large"
+
+
+class MethodNotAllowedError(ClientError):
+    code = "method_not_allowed"
+    http_status = 405
+    title = "Method not allowed"
 
 
 class RateLimitedError(ClientError):

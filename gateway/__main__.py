@@ -1,0 +1,69 @@
+"""``python -m gateway`` (also ``huleedu gateway``): run the API gateway.
+
+Configured by environment (``HULEEDU_GATEWAY_*``). Prints one JSON line with the bound
+addresses once ready. SIGTERM or SIGINT: readiness false, in-flight requests finish, exit 0.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from functools import partial
+
+import trio
+
+from common.errors import ConfigurationError
+from common.logs import configure_logging, get_logger
+from common.settings import load_settings, redacted
+from gateway.serve import serve_gateway
+from gateway.settings import GatewaySettings
+
+
+async def _run(settings: GatewaySettings) -> None:
+    log = get_logger("gateway")
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+
+        async def on_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("shutting down", signal=signal.Signals(signum).name)
+                    shutdown.set()
+                    return
+
+        nursery.start_soon(on_signals)
+        addresses = await nursery.start(partial(serve_gateway, settings, shutdown=shutdown))
+        print(
+            json.dumps(
+                {
+                    "ready": True,
+                    "url": addresses.url,
+                    "ops_url": addresses.ops_url,
+                    "ca_file": addresses.ca_file,
+                }
+            ),
+            flush=True,
+        )
+        await shutdown.wait()
+        nursery.cancel_scope.cancel()
+
+
+def main() -> int:
+    try:
+        settings = load_settings(GatewaySettings)
+    except ConfigurationError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(service="gateway", level=settings.log_level, json=settings.log_json)
+    get_logger("gateway").info("config", settings=redacted(settings))
+    try:
+        trio.run(_run, settings)
+    except ConfigurationError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

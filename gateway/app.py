@@ -1,0 +1,262 @@
+"""The gateway's HTTP app (quart-trio): auth routes and the JWKS, behind :mod:`gateway.edge`.
+
+Routes are thin: parse and validate (pydantic, unknown fields refused), rate-limit, call
+:class:`~gateway.auth.AuthService`, shape the JSON. Every error, raised anywhere, leaves as an
+RFC 9457 problem document; authentication failures all look the same (401, one body,
+``WWW-Authenticate: Bearer error="invalid_token"``), whatever the cause.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import wraps
+from typing import Any, TypeVar
+
+import pydantic
+from quart import Response, g, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from common.errors import (
+    AuthenticationError,
+    ClientError,
+    HuleEduError,
+    InternalError,
+    MethodNotAllowedError,
+    NotFoundError,
+    UnsupportedMediaTypeError,
+    ValidationError,
+)
+from common.logs import get_logger
+from common.tokens import AccessClaims
+from gateway.auth import AuthService, TokenPair
+from gateway.edge import EdgeConfig, EdgeMiddleware, EdgeStatistics, problem_response_parts
+from gateway.limits import Limited, RateLimits
+
+__all__ = ["GatewayApp", "create_app"]
+
+log = get_logger("gateway.app")
+
+M = TypeVar("M", bound=pydantic.BaseModel)
+Handler = Callable[..., Awaitable[Response]]
+
+
+class _Strict(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", str_strip_whitespace=False, frozen=True)
+
+
+class LoginRequest(_Strict):
+    email: str = pydantic.Field(min_length=3, max_length=254)
+    password: str = pydantic.Field(min_length=1, max_length=1024)
+
+
+class RefreshRequest(_Strict):
+    refresh_token: str = pydantic.Field(min_length=1, max_length=256)
+
+
+@dataclass
+class GatewayApp:
+    app: QuartTrio
+    asgi: EdgeMiddleware
+    stats: EdgeStatistics
+
+
+def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    body = json.dumps(payload, separators=(",", ":"))
+    return Response(body, status=status, headers=headers, content_type="application/json")
+
+
+def _scope() -> dict[str, Any]:
+    """The ASGI scope (our edge adds ``huleedu.*`` keys to it)."""
+    scope: dict[str, Any] = request.scope  # type: ignore[assignment]
+    return scope
+
+
+def _problem(error: HuleEduError) -> Response:
+    cid = _scope().get("huleedu.correlation_id")
+    status, headers, body = problem_response_parts(
+        error, cid if isinstance(cid, str) else None, request.path
+    )
+    response = Response(body, status=status)
+    for name, value in headers:
+        response.headers[name.decode()] = value.decode()
+    return response
+
+
+async def _body(model: type[M]) -> M:
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        raise UnsupportedMediaTypeError(
+            "request body must be application/json", field="content-type"
+        )
+    raw = await request.get_data(cache=False, as_text=False)
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ValidationError("request body is not valid JSON", field="body") from None
+    if not isinstance(data, dict):
+        raise ValidationError("request body must be a JSON object", field="body")
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as exc:
+        errors = [
+            {
+                "field": ".".join(str(p) for p in err["loc"]) or "body",
+                "message": "unknown field" if err["type"] == "extra_forbidden" else err["msg"],
+            }
+            for err in exc.errors()
+        ]
+        first = errors[0]
+        raise ValidationError(
+            f"{first['field']}: {first['message']}", field=first["field"], errors=errors
+        ) from None
+
+
+def _token_response(pair: TokenPair, limited: Limited, **more: Any) -> Response:
+    payload = {
+        "access_token": pair.access_token,
+        "token_type": "Bearer",
+        "expires_in": pair.expires_in,
+        "refresh_token": pair.refresh_token,
+        "refresh_expires_in": pair.refresh_expires_in,
+        "session_id": pair.session_id,
+        **more,
+    }
+    return _json(payload, headers=limited.headers())
+
+
+def create_app(
+    auth: AuthService, limits: RateLimits, edge: EdgeConfig, *, jwks: Callable[[], dict[str, Any]]
+) -> GatewayApp:
+    app = QuartTrio("gateway")
+    app.config["MAX_CONTENT_LENGTH"] = edge.max_body_bytes
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
+
+    def client() -> str:
+        return str(_scope().get("huleedu.client", ""))
+
+    def protected(handler: Handler) -> Handler:
+        """Verify the bearer token, then count the request against the user's limit.
+
+        A request without a valid token counts against its address (and gets 429 before 401
+        once that budget is spent, so a token-guessing client is slowed down too).
+        """
+
+        @wraps(handler)
+        async def wrapper(*args: Any, **kwargs: Any) -> Response:
+            header = request.headers.get("authorization", "")
+            scheme, _, token = header.partition(" ")
+            try:
+                if scheme.lower() != "bearer" or not token:
+                    raise AuthenticationError("no bearer token")
+                claims = auth.verify(token.strip())
+            except AuthenticationError as exc:
+                log.info("authentication failed", reason=exc.message, route=request.path)
+                limits.check(limits.address, client())
+                raise
+            g.claims = claims
+            g.limited = limits.check(limits.user, claims.sub)
+            response = await handler(*args, **kwargs)
+            for name, value in g.limited.headers().items():
+                response.headers.setdefault(name, value)
+            return response
+
+        return wrapper
+
+    @app.before_request
+    async def route_template() -> None:
+        rule = request.url_rule
+        _scope()["huleedu.route"] = rule.rule if rule is not None else None
+
+    @app.errorhandler(HuleEduError)
+    async def on_error(error: HuleEduError) -> Response:
+        if not isinstance(error, ClientError):
+            log.error("request failed", code=error.code, reason=error.message)
+        return _problem(error)
+
+    @app.errorhandler(HTTPException)
+    async def on_http_exception(error: HTTPException) -> Response:
+        status = error.code or 500
+        mapped: HuleEduError
+        if status == 404:
+            mapped = NotFoundError(f"no route {request.path}", field="path")
+        elif status == 405:
+            mapped = MethodNotAllowedError(
+                f"{request.method} is not allowed on {request.path}", field="method"
+            )
+        elif status == 413:
+            mapped = ValidationError("request body too large", field="max_body_bytes")
+        elif 400 <= status < 500:
+            mapped = ClientError(error.description or "bad request")
+        else:
+            mapped = InternalError(f"HTTP {status}")
+        return _problem(mapped)
+
+    @app.errorhandler(Exception)
+    async def on_unexpected(error: Exception) -> Response:
+        log.exception("unhandled error", error_type=type(error).__name__)
+        return _problem(InternalError(type(error).__name__))
+
+    @app.post("/v1/auth/login")
+    async def login() -> Response:
+        body = await _body(LoginRequest)
+        account = body.email.strip().casefold()
+        limited = limits.check_all(
+            [(limits.login_address, client()), (limits.login_account, account)]
+        )
+        pair, session = await auth.login(body.email, body.password)
+        user = {
+            "user_id": session.user_id,
+            "org_id": session.org_id,
+            "roles": list(session.roles),
+            "display_name": session.display_name,
+        }
+        return _token_response(pair, limited, user=user)
+
+    @app.post("/v1/auth/refresh")
+    async def refresh() -> Response:
+        limited = limits.check(limits.refresh, client())
+        body = await _body(RefreshRequest)
+        pair = await auth.refresh(body.refresh_token)
+        return _token_response(pair, limited)
+
+    @app.post("/v1/auth/logout")
+    @protected
+    async def logout() -> Response:
+        claims: AccessClaims = g.claims
+        await auth.logout(claims)
+        return Response("", status=204)
+
+    @app.get("/v1/auth/me")
+    @protected
+    async def me() -> Response:
+        claims: AccessClaims = g.claims
+        return _json(
+            {
+                "user_id": claims.sub,
+                "org_id": claims.org,
+                "roles": list(claims.roles),
+                "session_id": claims.sid,
+                "expires_at": claims.exp,
+            }
+        )
+
+    @app.post("/v1/auth/ws-ticket")
+    @protected
+    async def ws_ticket() -> Response:
+        claims: AccessClaims = g.claims
+        ticket = auth.ws_ticket(claims)
+        return _json({"ticket": ticket.ticket, "expires_in": ticket.expires_in})
+
+    @app.get("/.well-known/jwks.json")
+    async def jwks_document() -> Response:
+        limited = limits.check(limits.address, client())
+        headers = {"Cache-Control": "public, max-age=300", **limited.headers()}
+        return _json(jwks(), headers=headers)
+
+    stats = EdgeStatistics()
+    asgi = EdgeMiddleware(app.asgi_app, edge, stats)  # type: ignore[arg-type]
+    app.asgi_app = asgi  # type: ignore[assignment]
+    return GatewayApp(app=app, asgi=asgi, stats=stats)

@@ -1,0 +1,118 @@
+"""The gateway's ops HTTP face (its own listener): ``/livez``, ``/readyz``, ``/metrics``.
+
+Metrics carry route templates (``/v1/batches/<id>``), methods and status codes as labels; never
+raw paths, user ids or addresses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.registry import Collector
+from quart import Response
+from quart_trio import QuartTrio
+
+from common.ratelimit import GcraLimiter
+from gateway.edge import EdgeStatistics
+
+__all__ = ["OpsState", "create_ops_app"]
+
+
+@dataclass
+class OpsState:
+    edge: EdgeStatistics
+    limiters: dict[str, GcraLimiter]
+    bus_healthy: Callable[[], bool]
+    revoked_sessions: Callable[[], int]
+    revocations_consuming: bool = False
+    serving: bool = False
+    draining: bool = False
+
+    def ready(self) -> tuple[bool, dict[str, bool]]:
+        checks = {
+            "serving": self.serving,
+            "revocations_consuming": self.revocations_consuming,
+            "bus_healthy": self.bus_healthy(),
+            "not_draining": not self.draining,
+        }
+        return all(checks.values()), checks
+
+
+class _Collector(Collector):
+    def __init__(self, state: OpsState) -> None:
+        self._state = state
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
+        edge = self._state.edge
+        labels = ["method", "route", "status"]
+        requests = CounterMetricFamily(
+            "huleedu_gateway_http_requests", "HTTP requests by route template", labels=labels
+        )
+        duration = HistogramMetricFamily(
+            "huleedu_gateway_http_request_duration_seconds",
+            "HTTP request duration by route template",
+            labels=labels,
+        )
+        for key in sorted(edge.requests):
+            method, route, status = key
+            values = [method, route, str(status)]
+            requests.add_metric(values, edge.requests[key])
+            cumulative, buckets = 0, []
+            for bound, count in zip(edge.BOUNDS, edge.buckets[key], strict=True):
+                cumulative += count
+                buckets.append((repr(bound), cumulative))
+            buckets.append(("+Inf", edge.requests[key]))
+            duration.add_metric(values, buckets, edge.seconds[key])
+        yield requests
+        yield duration
+        in_flight = GaugeMetricFamily("huleedu_gateway_http_in_flight", "Requests in progress")
+        in_flight.add_metric([], edge.in_flight)
+        yield in_flight
+        cut = CounterMetricFamily(
+            "huleedu_gateway_http_bodies_cut", "Request bodies cut at the body-read deadline"
+        )
+        cut.add_metric([], edge.bodies_cut)
+        yield cut
+        decisions = CounterMetricFamily(
+            "huleedu_gateway_ratelimit_decisions",
+            "Rate-limit decisions by policy",
+            labels=["policy", "result"],
+        )
+        for name, limiter in sorted(self._state.limiters.items()):
+            stats = limiter.statistics()
+            decisions.add_metric([name, "allowed"], stats.allowed)
+            decisions.add_metric([name, "denied"], stats.denied)
+        yield decisions
+        revoked = GaugeMetricFamily(
+            "huleedu_gateway_revoked_sessions", "Revoked sessions whose access tokens may live"
+        )
+        revoked.add_metric([], self._state.revoked_sessions())
+        yield revoked
+
+
+def create_ops_app(state: OpsState) -> QuartTrio:
+    app = QuartTrio("gateway-ops")
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(_Collector(state))
+
+    @app.route("/livez")
+    async def livez() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.route("/readyz")
+    async def readyz() -> tuple[dict[str, object], int]:
+        ready, checks = state.ready()
+        return {"ready": ready, "checks": checks}, 200 if ready else 503
+
+    @app.route("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), content_type="text/plain; version=0.0.4")
+
+    return app

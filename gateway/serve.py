@@ -1,0 +1,240 @@
+"""``serve_gateway``: the whole gateway in one nursery.
+
+HTTPS listener (Hypercorn, HTTP/1.1 and HTTP/2 over TLS) + ops listener + the revocation
+consumer (its own consumer group: every instance reads every ``session.revoked``) + the
+IdentityService channel. Shutdown (``shutdown`` set, e.g. by SIGTERM): readiness goes false,
+both listeners stop accepting and let in-flight requests finish (``shutdown_grace_s``), then the
+consumer is cancelled and the session store closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from functools import partial
+
+import hypercorn.trio
+import trio
+from hypercorn.config import Config
+
+from common.bus import EventBus, Headers, Subscription, open_kafka_bus, open_memory_bus
+from common.contracts.huleedu.identity import v1 as identity_v1
+from common.errors import DeadlineExceededError
+from common.events import Topic
+from common.logs import get_logger
+from common.rpc import RpcChannel, open_channel, open_rpc_loop
+from common.tls import TlsSettings, configure_hypercorn, ensure_dev_certificates
+from common.tokens import TokenSigner, TokenVerifier, VerifierPolicy
+from gateway.app import create_app
+from gateway.auth import (
+    AuthService,
+    Revocations,
+    rebuild_revocations,
+    run_revocation_consumer,
+    trio_wall_clock,
+)
+from gateway.edge import EdgeConfig
+from gateway.keys import load_signing_keys
+from gateway.limits import ClientAddress, RateLimits
+from gateway.ops import OpsState, create_ops_app
+from gateway.sessions import open_sqlite_session_store
+from gateway.settings import GatewaySettings
+
+__all__ = ["GatewayAddresses", "serve_gateway"]
+
+log = get_logger("gateway")
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayAddresses:
+    url: str
+    ops_url: str
+    #: The CA that signed the server certificate when dev certificates are in use.
+    ca_file: str | None
+    instance_id: str
+
+
+@contextlib.asynccontextmanager
+async def _bus(settings: GatewaySettings, bus: EventBus | None) -> AsyncIterator[EventBus]:
+    if bus is not None:
+        yield bus
+    elif settings.kafka.bootstrap_servers:
+        async with open_kafka_bus(settings.kafka) as kafka:
+            yield kafka
+    else:
+        async with open_memory_bus() as memory:
+            yield memory
+
+
+def _identity_client(channel: RpcChannel, timeout_s: float):  # type: ignore[no-untyped-def]
+    stub = channel.stub(identity_v1.IdentityServiceStub)
+
+    async def authenticate(email: str, password: str) -> identity_v1.User:
+        with trio.move_on_after(timeout_s) as scope:
+            reply = await channel.call(
+                stub.authenticate, identity_v1.AuthenticateRequest(email=email, password=password)
+            )
+            if reply.user is None:
+                raise DeadlineExceededError("identity: empty reply", service="identity")
+            return reply.user
+        assert scope.cancelled_caught
+        raise DeadlineExceededError("identity: no answer in time", service="identity")
+
+    return authenticate
+
+
+def _tls(settings: GatewaySettings) -> tuple[TlsSettings, str | None]:
+    if settings.tls.certfile is not None:
+        return settings.tls, None
+    dev = ensure_dev_certificates(settings.state_dir)
+    return dev.tls_settings(), str(dev.ca_cert)
+
+
+async def serve_gateway(
+    settings: GatewaySettings,
+    *,
+    shutdown: trio.Event,
+    bus: EventBus | None = None,
+    wall: Callable[[], float] | None = None,
+    task_status: trio.TaskStatus[GatewayAddresses] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the gateway until ``shutdown`` is set; see the module docstring.
+
+    ``bus``: share an open event bus (else one is opened from settings); ``wall``: the
+    wall-clock function for token times (tests pin it; default follows the Trio clock).
+    """
+    tls, ca_file = _tls(settings)
+    keys = load_signing_keys(settings.under_state(settings.keys_dir))
+    wall = wall or trio_wall_clock()
+    policy = VerifierPolicy(
+        issuer=settings.issuer,
+        audience=settings.audience,
+        leeway_s=settings.token_leeway_s,
+        max_token_bytes=settings.max_token_bytes,
+        max_lifetime_s=float(settings.access_ttl_s),
+    )
+    revocations = Revocations(wall)
+    verifier = TokenVerifier(policy, keys.public, is_revoked=revocations.__contains__)
+    signer = TokenSigner(
+        keys.private,
+        keys.kid,
+        issuer=settings.issuer,
+        audience=settings.audience,
+        ttl_s=settings.access_ttl_s,
+    )
+    ticket_signer = TokenSigner(
+        keys.private,
+        keys.kid,
+        issuer=settings.issuer,
+        audience=settings.audience,
+        ttl_s=settings.ws_ticket_ttl_s,
+    )
+    store = await open_sqlite_session_store(settings.under_state(settings.db_path))
+    instance_id = uuid.uuid4().hex[:12]
+    horizon = settings.access_ttl_s + settings.token_leeway_s
+    await rebuild_revocations(store, revocations, wall=wall, horizon_s=horizon)
+    stop_servers = trio.Event()
+    try:
+        async with (
+            open_rpc_loop(),
+            _bus(settings, bus) as the_bus,
+            open_channel(
+                settings.identity_target,
+                service="identity",
+                default_timeout_s=settings.identity_timeout_s,
+            ) as identity,
+        ):
+
+            async def publish(topic: str, key: bytes, value: bytes, headers: Headers) -> object:
+                return await the_bus.publish(topic, value, key=key, headers=headers)
+
+            auth = AuthService(
+                signer=signer,
+                ticket_signer=ticket_signer,
+                verifier=verifier,
+                store=store,
+                authenticate=_identity_client(identity, settings.identity_timeout_s),
+                publish=publish,
+                revocations=revocations,
+                wall=wall,
+                access_ttl_s=settings.access_ttl_s,
+                refresh_idle_s=settings.refresh_idle_s,
+                session_lifetime_s=settings.session_lifetime_s,
+                ticket_ttl_s=settings.ws_ticket_ttl_s,
+            )
+            limits = RateLimits(settings, trio.current_time)
+            edge = EdgeConfig(
+                max_body_bytes=settings.max_body_bytes,
+                body_timeout_s=settings.body_timeout_s,
+                max_header_bytes=settings.max_header_bytes,
+                cors_origins=frozenset(settings.cors_origins),
+                client_address=ClientAddress(settings.trusted_proxies),
+            )
+            gateway = create_app(auth, limits, edge, jwks=keys.public.to_jwks)
+            ops = OpsState(
+                edge=gateway.stats,
+                limiters=limits.all(),
+                bus_healthy=lambda: the_bus.statistics().healthy,
+                revoked_sessions=lambda: len(revocations),
+            )
+
+            def subscribe() -> contextlib.AbstractAsyncContextManager[Subscription]:
+                return the_bus.subscribe(
+                    [Topic.SESSION_REVOKED], f"{settings.service_name}-revocations-{instance_id}"
+                )
+
+            await the_bus.ensure_topics([Topic.SESSION_REVOKED])
+            async with trio.open_nursery() as workers:
+                await workers.start(
+                    partial(
+                        run_revocation_consumer,
+                        subscribe,
+                        revocations,
+                        wall=wall,
+                        fallback_ttl_s=horizon,
+                    )
+                )
+                ops.revocations_consuming = True
+                async with trio.open_nursery() as servers:
+                    config = Config()
+                    config.bind = [f"{settings.host}:{settings.port}"]
+                    configure_hypercorn(tls, config)
+                    config.accesslog = None
+                    config.graceful_timeout = settings.shutdown_grace_s
+                    config.keep_alive_timeout = settings.keep_alive_timeout_s
+                    config.h11_max_incomplete_size = settings.max_header_bytes
+                    config.h2_max_concurrent_streams = 100
+                    config.include_server_header = False
+                    binds = await servers.start(
+                        partial(
+                            hypercorn.trio.serve,
+                            gateway.app,
+                            config,
+                            shutdown_trigger=stop_servers.wait,
+                        )
+                    )
+                    ops_config = Config()
+                    ops_config.bind = [f"{settings.ops_host}:{settings.ops_port}"]
+                    ops_config.accesslog = None
+                    ops_config.graceful_timeout = settings.shutdown_grace_s
+                    ops_binds = await servers.start(
+                        partial(
+                            hypercorn.trio.serve,
+                            create_ops_app(ops),
+                            ops_config,
+                            shutdown_trigger=stop_servers.wait,
+                        )
+                    )
+                    ops.serving = True
+                    addresses = GatewayAddresses(binds[0], ops_binds[0], ca_file, instance_id)
+                    log.info("gateway ready", url=addresses.url, ops_url=addresses.ops_url)
+                    task_status.started(addresses)
+                    await shutdown.wait()
+                    ops.draining = True
+                    stop_servers.set()
+                workers.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await store.close()

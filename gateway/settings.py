@@ -1,0 +1,108 @@
+"""Gateway settings (environment prefix ``HULEEDU_GATEWAY_``).
+
+Rate limits are per gateway instance (in-process GCRA): with N instances behind a load
+balancer a client may get up to N times a limit. They are sized so that this stays harmless.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from common.ratelimit import RatePolicy
+from common.settings import KafkaSettings, ServiceSettings
+from common.tls import TlsSettings
+
+__all__ = ["GatewaySettings", "LimitSettings"]
+
+
+class LimitSettings(BaseModel):
+    """One rate policy: ``limit`` requests per ``period_s`` seconds, bursts up to ``burst``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    limit: int = Field(ge=1, le=1_000_000)
+    period_s: float = Field(gt=0, le=86_400)
+    burst: int | None = Field(default=None, ge=1, le=1_000_000)
+
+    def policy(self, name: str) -> RatePolicy:
+        return RatePolicy(name, self.limit, self.period_s, self.burst)
+
+
+class GatewaySettings(ServiceSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="HULEEDU_GATEWAY_", extra="forbid", frozen=True, env_nested_delimiter="__"
+    )
+
+    service_name: str = "gateway"
+    host: str = "127.0.0.1"
+    #: 0 picks a free port (reported on start-up).
+    port: int = Field(default=8443, ge=0, le=65535)
+    #: The ops listener (plain HTTP, keep it off the public network): /livez /readyz /metrics.
+    ops_host: str = "127.0.0.1"
+    ops_port: int = Field(default=9100, ge=0, le=65535)
+    #: Certificate and key of the HTTPS listener. Unset: dev certificates under ``state_dir``.
+    tls: TlsSettings = TlsSettings()
+    state_dir: Path = Path(".state")
+    #: The session store (SQLite); relative paths are under ``state_dir``.
+    db_path: Path = Path("gateway-sessions.db")
+    #: Ed25519 signing keys (PEM, one per file, file stem = ``kid``); the newest file signs,
+    #: the others stay in the JWKS so tokens they signed verify until they expire.
+    #: Relative paths are under ``state_dir``; an empty folder gets a generated key.
+    keys_dir: Path = Path("gateway-keys")
+    #: ``host:port`` of the IdentityService.
+    identity_target: str = "127.0.0.1:50051"
+    identity_timeout_s: float = Field(default=3.0, gt=0, le=60)
+    kafka: KafkaSettings = KafkaSettings(client_id="gateway")
+
+    issuer: str = "https://gateway.huleedu.local"
+    audience: str = "huleedu"
+    access_ttl_s: int = Field(default=900, ge=30, le=900)
+    #: A refresh token unused this long expires (each refresh issues a new one).
+    refresh_idle_s: int = Field(default=7 * 86_400, ge=60, le=90 * 86_400)
+    #: No refresh extends a session past this age; the user logs in again.
+    session_lifetime_s: int = Field(default=30 * 86_400, ge=300, le=365 * 86_400)
+    ws_ticket_ttl_s: int = Field(default=30, ge=5, le=120)
+    token_leeway_s: float = Field(default=30.0, ge=0, le=120)
+    max_token_bytes: int = Field(default=4096, ge=512, le=16_384)
+
+    #: Browser origins allowed by CORS (exact ``scheme://host[:port]``); empty = no CORS.
+    cors_origins: tuple[str, ...] = ()
+    #: Proxies (addresses or CIDR networks) whose ``X-Forwarded-For`` is believed.
+    trusted_proxies: tuple[str, ...] = ()
+    #: Largest request body accepted on JSON routes.
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, le=1 << 30)
+    #: Seconds from the first body byte wait to the last; a slower body is cut (408).
+    body_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    #: Largest total size of the request headers (names + values).
+    max_header_bytes: int = Field(default=16_384, ge=1024, le=65_536)
+    #: Seconds an idle keep-alive connection stays open; also cuts a trickle of headers.
+    keep_alive_timeout_s: float = Field(default=5.0, gt=0, le=300)
+
+    limit_user: LimitSettings = LimitSettings(limit=600, period_s=60, burst=100)
+    limit_address: LimitSettings = LimitSettings(limit=300, period_s=60, burst=60)
+    limit_login_address: LimitSettings = LimitSettings(limit=10, period_s=60, burst=5)
+    limit_login_account: LimitSettings = LimitSettings(limit=5, period_s=60, burst=5)
+    limit_refresh: LimitSettings = LimitSettings(limit=30, period_s=60, burst=10)
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in value:
+            scheme, sep, rest = origin.partition("://")
+            if scheme not in ("https", "http") or not sep or not rest or "/" in rest:
+                raise ValueError(f"not an origin (scheme://host[:port]): {origin!r}")
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            ipaddress.ip_network(entry, strict=False)  # ValueError names the entry
+        return value
+
+    def under_state(self, path: Path) -> Path:
+        return path if path.is_absolute() else self.state_dir / path
