@@ -9,6 +9,7 @@ RFC 9457 problem document; authentication failures all look the same (401, one b
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import wraps
@@ -40,6 +41,8 @@ __all__ = ["GatewayApp", "create_app"]
 log = get_logger("gateway.app")
 
 M = TypeVar("M", bound=pydantic.BaseModel)
+#: RFC 6750 b64token after exactly one space (stricter than the RFC's 1*SP on purpose).
+_B64TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
 Handler = Callable[..., Awaitable[Response]]
 
 
@@ -149,9 +152,9 @@ def create_app(
             header = request.headers.get("authorization", "")
             scheme, _, token = header.partition(" ")
             try:
-                if scheme.lower() != "bearer" or not token:
+                if scheme.lower() != "bearer" or not _B64TOKEN.fullmatch(token):
                     raise AuthenticationError("no bearer token")
-                claims = auth.verify(token.strip())
+                claims = auth.verify(token)
             except AuthenticationError as exc:
                 log.info("authentication failed", reason=exc.message, route=request.path)
                 limits.check(limits.address, client())

@@ -76,6 +76,7 @@ IDENTITY_HEADERS = frozenset(
 )
 IDENTITY_PREFIXES = (b"x-user-", b"x-auth-", b"x-huleedu-")
 
+OVERSIZED_CREDENTIAL = b"Oversized credential"
 SECURITY_HEADERS = (
     (b"strict-transport-security", b"max-age=63072000; includeSubDomains"),
     (b"x-content-type-options", b"nosniff"),
@@ -99,6 +100,8 @@ class EdgeConfig:
     max_header_bytes: int
     cors_origins: frozenset[str]
     client_address: ClientAddress
+    #: An ``Authorization`` value longer than this is replaced by an invalid placeholder.
+    max_credential_bytes: int = 8192
     #: Path prefixes whose body the app reads itself (streaming uploads).
     streaming_paths: tuple[str, ...] = ()
 
@@ -188,8 +191,13 @@ class EdgeMiddleware:
         content_length: int | None = None
         bad_length = False
         for name, value in raw_headers:
-            header_bytes += len(name) + len(value)
             lname = name.lower()
+            if lname == b"authorization" and len(value) > self.config.max_credential_bytes:
+                # An oversized credential is an invalid one (401 from the route, like any other
+                # bad token), not an oversized request; it is never decoded.
+                kept.append((lname, OVERSIZED_CREDENTIAL))
+                continue
+            header_bytes += len(name) + len(value)
             if _is_identity(lname):
                 continue
             if lname == b"x-correlation-id":

@@ -23,6 +23,7 @@ from common.bus import EventBus, Headers, Subscription, open_kafka_bus, open_mem
 from common.contracts.huleedu.identity import v1 as identity_v1
 from common.errors import DeadlineExceededError
 from common.events import Topic
+from common.httpserver import refuse_h2c_upgrade
 from common.logs import get_logger
 from common.rpc import RpcChannel, open_channel, open_rpc_loop
 from common.tls import TlsSettings, configure_hypercorn, ensure_dev_certificates
@@ -45,6 +46,9 @@ from gateway.settings import GatewaySettings
 __all__ = ["GatewayAddresses", "serve_gateway"]
 
 log = get_logger("gateway")
+
+#: Bytes of request head the HTTP server buffers at most (HTTP/1.1 and HTTP/2 alike).
+TRANSPORT_HEADER_LIMIT = 65_536
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +109,7 @@ async def serve_gateway(
     ``bus``: share an open event bus (else one is opened from settings); ``wall``: the
     wall-clock function for token times (tests pin it; default follows the Trio clock).
     """
+    refuse_h2c_upgrade()
     tls, ca_file = _tls(settings)
     keys = load_signing_keys(settings.under_state(settings.keys_dir))
     wall = wall or trio_wall_clock()
@@ -169,6 +174,7 @@ async def serve_gateway(
                 max_body_bytes=settings.max_body_bytes,
                 body_timeout_s=settings.body_timeout_s,
                 max_header_bytes=settings.max_header_bytes,
+                max_credential_bytes=settings.max_token_bytes + len("Bearer "),
                 cors_origins=frozenset(settings.cors_origins),
                 client_address=ClientAddress(settings.trusted_proxies),
             )
@@ -204,7 +210,12 @@ async def serve_gateway(
                     config.accesslog = None
                     config.graceful_timeout = settings.shutdown_grace_s
                     config.keep_alive_timeout = settings.keep_alive_timeout_s
-                    config.h11_max_incomplete_size = settings.max_header_bytes
+                    # The transport's ceiling for a request head, the same for HTTP/1.1 and
+                    # HTTP/2 (h2's header-list limit); the edge enforces max_header_bytes
+                    # below it with a problem document, and treats an oversized
+                    # Authorization value as an invalid token (401).
+                    config.h11_max_incomplete_size = TRANSPORT_HEADER_LIMIT
+                    config.h2_max_header_list_size = TRANSPORT_HEADER_LIMIT
                     config.h2_max_concurrent_streams = 100
                     config.include_server_header = False
                     binds = await servers.start(

@@ -85,8 +85,13 @@ async def start_gateway(
         count = 0
 
         async def start(
-            *, bus: EventBus | None = None, wall: Callable[[], float] | None = None, **over: Any
+            *,
+            bus: EventBus | None = None,
+            own_bus: bool = False,
+            wall: Callable[[], float] | None = None,
+            **over: Any,
         ) -> Gateway:
+            """``own_bus``: the gateway opens the bus its settings name (e.g. ``kafka=``)."""
             nonlocal count
             count += 1
             values: dict[str, Any] = {
@@ -102,7 +107,7 @@ async def start_gateway(
             settings = GatewaySettings(**values)
             shutdown = trio.Event()
             stops.append(shutdown)
-            the_bus = bus or memory
+            the_bus = None if own_bus else bus or memory
             done = trio.Event()
             finished.append(done)
 
@@ -115,7 +120,7 @@ async def start_gateway(
                     done.set()
 
             addresses = await nursery.start(run)
-            return Gateway(addresses, settings, shutdown, the_bus)
+            return Gateway(addresses, settings, shutdown, the_bus or memory)
 
         yield start
         for stop in stops:

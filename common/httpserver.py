@@ -1,0 +1,36 @@
+"""Hypercorn hardening shared by every service that serves HTTP.
+
+Hypercorn 0.18 answers an HTTP/1.1 request carrying ``Upgrade: h2c`` with ``101 Switching
+Protocols`` and turns the connection into cleartext-framed HTTP/2 before the application sees
+anything, even on a TLS listener. That upgrade is the basis of "h2c smuggling" past proxies,
+and no client of ours needs it (HTTP/2 is negotiated by ALPN). :func:`refuse_h2c_upgrade`
+makes Hypercorn keep such a request on HTTP/1.1, so it reaches the app, whose edge refuses it
+with a 400 problem document. (A ``PRI *`` prior-knowledge preface is left alone.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypercorn.protocol import h11 as hypercorn_h11
+
+__all__ = ["refuse_h2c_upgrade"]
+
+_MARK = "_huleedu_refuses_h2c"
+
+
+def refuse_h2c_upgrade() -> None:
+    """Patch Hypercorn's HTTP/1.1 protocol once per process (idempotent)."""
+    protocol: Any = hypercorn_h11.H11Protocol
+    original = protocol._check_protocol
+    if getattr(original, _MARK, False):
+        return
+
+    async def check_protocol(self: Any, event: Any) -> None:
+        for name, value in event.headers:
+            if name.strip().lower() == b"upgrade" and b"h2c" in value.lower():
+                return  # stay on HTTP/1.1; the application refuses the request
+        await original(self, event)
+
+    setattr(check_protocol, _MARK, True)
+    protocol._check_protocol = check_protocol
