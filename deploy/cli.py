@@ -34,6 +34,12 @@ def _aggregator(_args: argparse.Namespace) -> int:
     return aggregator_main()
 
 
+def _gateway(_args: argparse.Namespace) -> int:
+    from gateway.__main__ import main as gateway_main
+
+    return gateway_main()
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="huleedu", description="HuleEdu interface tier")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -41,6 +47,8 @@ def _build_parser() -> argparse.ArgumentParser:
     dev.set_defaults(func=_devstack)
     agg = sub.add_parser("aggregator", help="run the result aggregator (HULEEDU_AGGREGATOR_*)")
     agg.set_defaults(func=_aggregator)
+    gw = sub.add_parser("gateway", help="run the HTTPS API gateway (HULEEDU_GATEWAY_*)")
+    gw.set_defaults(func=_gateway)
     return parser
 
 

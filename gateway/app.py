@@ -27,6 +27,7 @@ from common.errors import (
     InternalError,
     MethodNotAllowedError,
     NotFoundError,
+    RateLimitedError,
     UnsupportedMediaTypeError,
     ValidationError,
 )
@@ -85,6 +86,10 @@ def _problem(error: HuleEduError) -> Response:
     response = Response(body, status=status)
     for name, value in headers:
         response.headers[name.decode()] = value.decode()
+    limited: Limited | None = g.get("limited")
+    if limited is not None and not isinstance(error, RateLimitedError):
+        for name, value in limited.headers().items():
+            response.headers.setdefault(name, value)
     return response
 
 
@@ -157,7 +162,7 @@ def create_app(
                 claims = auth.verify(token)
             except AuthenticationError as exc:
                 log.info("authentication failed", reason=exc.message, route=request.path)
-                limits.check(limits.address, client())
+                g.limited = limits.check(limits.address, client())
                 raise
             g.claims = claims
             g.limited = limits.check(limits.user, claims.sub)
@@ -209,6 +214,7 @@ def create_app(
         limited = limits.check_all(
             [(limits.login_address, client()), (limits.login_account, account)]
         )
+        g.limited = limited
         pair, session = await auth.login(body.email, body.password)
         user = {
             "user_id": session.user_id,
@@ -220,7 +226,7 @@ def create_app(
 
     @app.post("/v1/auth/refresh")
     async def refresh() -> Response:
-        limited = limits.check(limits.refresh, client())
+        limited = g.limited = limits.check(limits.refresh, client())
         body = await _body(RefreshRequest)
         pair = await auth.refresh(body.refresh_token)
         return _token_response(pair, limited)

@@ -47,6 +47,7 @@ from gateway.sessions import (
 __all__ = [
     "AuthService",
     "Authenticator",
+    "Publisher",
     "Revocations",
     "TokenPair",
     "WsTicket",

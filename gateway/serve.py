@@ -27,18 +27,13 @@ from common.httpserver import refuse_h2c_upgrade
 from common.logs import get_logger
 from common.rpc import RpcChannel, open_channel, open_rpc_loop
 from common.tls import TlsSettings, configure_hypercorn, ensure_dev_certificates
-from common.tokens import TokenSigner, TokenVerifier, VerifierPolicy
-from gateway.app import create_app
+from gateway.assemble import assemble
 from gateway.auth import (
-    AuthService,
-    Revocations,
     rebuild_revocations,
     run_revocation_consumer,
     trio_wall_clock,
 )
-from gateway.edge import EdgeConfig
 from gateway.keys import load_signing_keys
-from gateway.limits import ClientAddress, RateLimits
 from gateway.ops import OpsState, create_ops_app
 from gateway.sessions import open_sqlite_session_store
 from gateway.settings import GatewaySettings
@@ -113,33 +108,9 @@ async def serve_gateway(
     tls, ca_file = _tls(settings)
     keys = load_signing_keys(settings.under_state(settings.keys_dir))
     wall = wall or trio_wall_clock()
-    policy = VerifierPolicy(
-        issuer=settings.issuer,
-        audience=settings.audience,
-        leeway_s=settings.token_leeway_s,
-        max_token_bytes=settings.max_token_bytes,
-        max_lifetime_s=float(settings.access_ttl_s),
-    )
-    revocations = Revocations(wall)
-    verifier = TokenVerifier(policy, keys.public, is_revoked=revocations.__contains__)
-    signer = TokenSigner(
-        keys.private,
-        keys.kid,
-        issuer=settings.issuer,
-        audience=settings.audience,
-        ttl_s=settings.access_ttl_s,
-    )
-    ticket_signer = TokenSigner(
-        keys.private,
-        keys.kid,
-        issuer=settings.issuer,
-        audience=settings.audience,
-        ttl_s=settings.ws_ticket_ttl_s,
-    )
     store = await open_sqlite_session_store(settings.under_state(settings.db_path))
     instance_id = uuid.uuid4().hex[:12]
     horizon = settings.access_ttl_s + settings.token_leeway_s
-    await rebuild_revocations(store, revocations, wall=wall, horizon_s=horizon)
     stop_servers = trio.Event()
     try:
         async with (
@@ -155,33 +126,19 @@ async def serve_gateway(
             async def publish(topic: str, key: bytes, value: bytes, headers: Headers) -> object:
                 return await the_bus.publish(topic, value, key=key, headers=headers)
 
-            auth = AuthService(
-                signer=signer,
-                ticket_signer=ticket_signer,
-                verifier=verifier,
+            parts = assemble(
+                settings,
+                keys=keys,
                 store=store,
                 authenticate=_identity_client(identity, settings.identity_timeout_s),
                 publish=publish,
-                revocations=revocations,
                 wall=wall,
-                access_ttl_s=settings.access_ttl_s,
-                refresh_idle_s=settings.refresh_idle_s,
-                session_lifetime_s=settings.session_lifetime_s,
-                ticket_ttl_s=settings.ws_ticket_ttl_s,
             )
-            limits = RateLimits(settings, trio.current_time)
-            edge = EdgeConfig(
-                max_body_bytes=settings.max_body_bytes,
-                body_timeout_s=settings.body_timeout_s,
-                max_header_bytes=settings.max_header_bytes,
-                max_credential_bytes=settings.max_token_bytes + len("Bearer "),
-                cors_origins=frozenset(settings.cors_origins),
-                client_address=ClientAddress(settings.trusted_proxies),
-            )
-            gateway = create_app(auth, limits, edge, jwks=keys.public.to_jwks)
+            gateway, revocations = parts.http, parts.revocations
+            await rebuild_revocations(store, revocations, wall=wall, horizon_s=horizon)
             ops = OpsState(
                 edge=gateway.stats,
-                limiters=limits.all(),
+                limiters=parts.limits.all(),
                 bus_healthy=lambda: the_bus.statistics().healthy,
                 revoked_sessions=lambda: len(revocations),
             )

@@ -85,7 +85,7 @@ class GatewaySettings(ServiceSettings):
     limit_user: LimitSettings = LimitSettings(limit=600, period_s=60, burst=100)
     limit_address: LimitSettings = LimitSettings(limit=300, period_s=60, burst=60)
     limit_login_address: LimitSettings = LimitSettings(limit=10, period_s=60, burst=5)
-    limit_login_account: LimitSettings = LimitSettings(limit=5, period_s=60, burst=5)
+    limit_login_account: LimitSettings = LimitSettings(limit=5, period_s=300, burst=5)
     limit_refresh: LimitSettings = LimitSettings(limit=30, period_s=60, burst=10)
 
     @field_validator("cors_origins")

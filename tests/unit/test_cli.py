@@ -16,3 +16,12 @@ def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
         main(["nonsense"])
     assert info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_gateway_reports_a_bad_setting_by_its_variable(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HULEEDU_GATEWAY_ACCESS_TTL_S", "86400")
+    assert main(["gateway"]) == 2
+    err = capsys.readouterr().err
+    assert "HULEEDU_GATEWAY_ACCESS_TTL_S" in err
