@@ -16,6 +16,7 @@ import trio
 from common.errors import ConfigurationError
 from common.logs import configure_logging, get_logger
 from common.settings import load_settings, redacted
+from common.tracing import setup_tracing
 from gateway.serve import serve_gateway
 from gateway.settings import GatewaySettings
 
@@ -33,7 +34,12 @@ async def _run(settings: GatewaySettings) -> None:
                     return
 
         nursery.start_soon(on_signals)
-        addresses = await nursery.start(partial(serve_gateway, settings, shutdown=shutdown))
+        provider = setup_tracing(
+            settings.service_name, settings.otel_exporter_otlp_endpoint, set_global=True
+        )
+        addresses = await nursery.start(
+            partial(serve_gateway, settings, shutdown=shutdown, tracer_provider=provider)
+        )
         print(
             json.dumps(
                 {

@@ -16,6 +16,7 @@ from functools import wraps
 from typing import Any, TypeVar
 
 import pydantic
+from opentelemetry.trace import TracerProvider
 from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -84,8 +85,8 @@ def _problem(error: HuleEduError) -> Response:
         error, cid if isinstance(cid, str) else None, request.path
     )
     response = Response(body, status=status)
-    for name, value in headers:
-        response.headers[name.decode()] = value.decode()
+    for raw_name, raw_value in headers:
+        response.headers[raw_name.decode()] = raw_value.decode()
     limited: Limited | None = g.get("limited")
     if limited is not None and not isinstance(error, RateLimitedError):
         for name, value in limited.headers().items():
@@ -136,7 +137,12 @@ def _token_response(pair: TokenPair, limited: Limited, **more: Any) -> Response:
 
 
 def create_app(
-    auth: AuthService, limits: RateLimits, edge: EdgeConfig, *, jwks: Callable[[], dict[str, Any]]
+    auth: AuthService,
+    limits: RateLimits,
+    edge: EdgeConfig,
+    *,
+    jwks: Callable[[], dict[str, Any]],
+    tracer_provider: TracerProvider | None = None,
 ) -> GatewayApp:
     app = QuartTrio("gateway")
     app.config["MAX_CONTENT_LENGTH"] = edge.max_body_bytes
@@ -266,6 +272,11 @@ def create_app(
         return _json(jwks(), headers=headers)
 
     stats = EdgeStatistics()
-    asgi = EdgeMiddleware(app.asgi_app, edge, stats)  # type: ignore[arg-type]
+    asgi = EdgeMiddleware(
+        app.asgi_app,  # type: ignore[arg-type]
+        edge,
+        stats,
+        tracer_provider=tracer_provider,
+    )
     app.asgi_app = asgi  # type: ignore[assignment]
     return GatewayApp(app=app, asgi=asgi, stats=stats)

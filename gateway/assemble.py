@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
+from opentelemetry.trace import TracerProvider
 
 from common.tokens import TokenSigner, TokenVerifier, VerifierPolicy
 from gateway.app import GatewayApp, create_app
@@ -37,6 +38,7 @@ def assemble(
     publish: Publisher,
     wall: Callable[[], float],
     now: Callable[[], float] = trio.current_time,
+    tracer_provider: TracerProvider | None = None,
 ) -> Assembled:
     """``wall``: wall-clock seconds (token times); ``now``: monotonic seconds (rate limits)."""
     policy = VerifierPolicy(
@@ -81,5 +83,5 @@ def assemble(
         cors_origins=frozenset(settings.cors_origins),
         client_address=ClientAddress(settings.trusted_proxies),
     )
-    http = create_app(auth, limits, edge, jwks=keys.public.to_jwks)
+    http = create_app(auth, limits, edge, jwks=keys.public.to_jwks, tracer_provider=tracer_provider)
     return Assembled(http=http, auth=auth, limits=limits, revocations=revocations)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+from opentelemetry import trace
 
 from common import correlation
 from common.errors import (
@@ -40,6 +41,7 @@ from common.errors import (
     to_problem,
 )
 from common.logs import get_logger
+from common.tracing import extract_context
 from gateway.limits import ClientAddress
 
 __all__ = ["EdgeConfig", "EdgeMiddleware", "EdgeStatistics", "problem_response_parts"]
@@ -76,6 +78,7 @@ IDENTITY_HEADERS = frozenset(
 )
 IDENTITY_PREFIXES = (b"x-user-", b"x-auth-", b"x-huleedu-")
 
+_TRACE_HEADERS = frozenset({b"traceparent", b"tracestate", b"baggage"})
 OVERSIZED_CREDENTIAL = b"Oversized credential"
 SECURITY_HEADERS = (
     (b"strict-transport-security", b"max-age=63072000; includeSubDomains"),
@@ -157,10 +160,20 @@ def _is_identity(name: bytes) -> bool:
 
 
 class EdgeMiddleware:
-    def __init__(self, app: App, config: EdgeConfig, stats: EdgeStatistics | None = None) -> None:
+    def __init__(
+        self,
+        app: App,
+        config: EdgeConfig,
+        stats: EdgeStatistics | None = None,
+        *,
+        tracer_provider: trace.TracerProvider | None = None,
+    ) -> None:
         self.app = app
         self.config = config
         self.stats = stats or EdgeStatistics()
+        self._tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer(
+            "huleedu.gateway"
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -169,13 +182,34 @@ class EdgeMiddleware:
         started = time.perf_counter()
         self.stats.in_flight += 1
         status_seen = [0]
-        try:
-            await self._http(scope, receive, send, status_seen)
-        finally:
-            self.stats.in_flight -= 1
-            route = scope.get("huleedu.route") or "(unmatched)"
-            key = (str(scope.get("method", "")), str(route), status_seen[0])
-            self.stats.observe(key, time.perf_counter() - started)
+        method = str(scope.get("method", ""))
+        carrier = {
+            k.decode("latin-1"): v.decode("latin-1")
+            for k, v in scope.get("headers", ())
+            if k in _TRACE_HEADERS
+        }
+        parent = extract_context(carrier) if carrier else None
+        with self._tracer.start_as_current_span(
+            f"HTTP {method}", context=parent, kind=trace.SpanKind.SERVER
+        ) as span:
+            try:
+                await self._http(scope, receive, send, status_seen)
+            finally:
+                self.stats.in_flight -= 1
+                route = str(scope.get("huleedu.route") or "(unmatched)")
+                self.stats.observe((method, route, status_seen[0]), time.perf_counter() - started)
+                if span.is_recording():
+                    span.update_name(f"{method} {route}")
+                    span.set_attribute("http.request.method", method)
+                    span.set_attribute("http.route", route)
+                    span.set_attribute("http.response.status_code", status_seen[0])
+                    span.set_attribute("url.scheme", str(scope.get("scheme", "")))
+                    span.set_attribute("network.protocol.version", str(scope.get("http_version")))
+                    cid = scope.get("huleedu.correlation_id")
+                    if cid:
+                        span.set_attribute("huleedu.correlation_id", str(cid))
+                    if status_seen[0] >= 500:
+                        span.set_status(trace.StatusCode.ERROR)
 
     async def _http(
         self, scope: Scope, receive: Receive, send: Send, status_seen: list[int]

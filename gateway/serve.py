@@ -18,6 +18,7 @@ from functools import partial
 import hypercorn.trio
 import trio
 from hypercorn.config import Config
+from opentelemetry.trace import TracerProvider
 
 from common.bus import EventBus, Headers, Subscription, open_kafka_bus, open_memory_bus
 from common.contracts.huleedu.identity import v1 as identity_v1
@@ -27,6 +28,7 @@ from common.httpserver import refuse_h2c_upgrade
 from common.logs import get_logger
 from common.rpc import RpcChannel, open_channel, open_rpc_loop
 from common.tls import TlsSettings, configure_hypercorn, ensure_dev_certificates
+from common.tracing import inject_kafka_headers
 from gateway.assemble import assemble
 from gateway.auth import (
     rebuild_revocations,
@@ -97,6 +99,7 @@ async def serve_gateway(
     shutdown: trio.Event,
     bus: EventBus | None = None,
     wall: Callable[[], float] | None = None,
+    tracer_provider: TracerProvider | None = None,
     task_status: trio.TaskStatus[GatewayAddresses] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the gateway until ``shutdown`` is set; see the module docstring.
@@ -120,11 +123,13 @@ async def serve_gateway(
                 settings.identity_target,
                 service="identity",
                 default_timeout_s=settings.identity_timeout_s,
+                tracer_provider=tracer_provider,
             ) as identity,
         ):
 
             async def publish(topic: str, key: bytes, value: bytes, headers: Headers) -> object:
-                return await the_bus.publish(topic, value, key=key, headers=headers)
+                traced = inject_kafka_headers(list(headers))
+                return await the_bus.publish(topic, value, key=key, headers=traced)
 
             parts = assemble(
                 settings,
@@ -133,6 +138,7 @@ async def serve_gateway(
                 authenticate=_identity_client(identity, settings.identity_timeout_s),
                 publish=publish,
                 wall=wall,
+                tracer_provider=tracer_provider,
             )
             gateway, revocations = parts.http, parts.revocations
             await rebuild_revocations(store, revocations, wall=wall, horizon_s=horizon)
@@ -160,6 +166,15 @@ async def serve_gateway(
                     )
                 )
                 ops.revocations_consuming = True
+
+                async def purge() -> None:
+                    while True:
+                        forgotten = await store.purge(wall())
+                        if forgotten:
+                            log.info("expired sessions forgotten", count=forgotten)
+                        await trio.sleep(settings.purge_interval_s)
+
+                workers.start_soon(purge)
                 async with trio.open_nursery() as servers:
                     config = Config()
                     config.bind = [f"{settings.host}:{settings.port}"]

@@ -65,6 +65,8 @@ class GatewaySettings(ServiceSettings):
     refresh_idle_s: int = Field(default=7 * 86_400, ge=60, le=90 * 86_400)
     #: No refresh extends a session past this age; the user logs in again.
     session_lifetime_s: int = Field(default=30 * 86_400, ge=300, le=365 * 86_400)
+    #: Seconds between sweeps that forget sessions past their absolute lifetime.
+    purge_interval_s: float = Field(default=3600.0, gt=0, le=86_400)
     ws_ticket_ttl_s: int = Field(default=30, ge=5, le=120)
     token_leeway_s: float = Field(default=30.0, ge=0, le=120)
     max_token_bytes: int = Field(default=4096, ge=512, le=16_384)

@@ -89,6 +89,7 @@ async def start_gateway(
             bus: EventBus | None = None,
             own_bus: bool = False,
             wall: Callable[[], float] | None = None,
+            tracer_provider: Any = None,
             **over: Any,
         ) -> Gateway:
             """``own_bus``: the gateway opens the bus its settings name (e.g. ``kafka=``)."""
@@ -114,7 +115,12 @@ async def start_gateway(
             async def run(task_status: trio.TaskStatus[GatewayAddresses]) -> None:
                 try:
                     await serve_gateway(
-                        settings, shutdown=shutdown, bus=the_bus, wall=wall, task_status=task_status
+                        settings,
+                        shutdown=shutdown,
+                        bus=the_bus,
+                        wall=wall,
+                        tracer_provider=tracer_provider,
+                        task_status=task_status,
                     )
                 finally:
                     done.set()
