@@ -22,7 +22,7 @@ from opentelemetry.trace import TracerProvider
 
 from common.bus import EventBus, Headers, Subscription, open_kafka_bus, open_memory_bus
 from common.contracts.huleedu.identity import v1 as identity_v1
-from common.errors import DeadlineExceededError
+from common.errors import DeadlineExceededError, StorageError
 from common.events import Topic
 from common.httpserver import refuse_h2c_upgrade
 from common.logs import get_logger
@@ -169,9 +169,13 @@ async def serve_gateway(
 
                 async def purge() -> None:
                     while True:
-                        forgotten = await store.purge(wall())
-                        if forgotten:
-                            log.info("expired sessions forgotten", count=forgotten)
+                        try:
+                            forgotten = await store.purge(wall())
+                        except StorageError as exc:  # try again next round
+                            log.warning("session purge failed", reason=exc.message)
+                        else:
+                            if forgotten:
+                                log.info("expired sessions forgotten", count=forgotten)
                         await trio.sleep(settings.purge_interval_s)
 
                 workers.start_soon(purge)
