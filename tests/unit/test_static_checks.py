@@ -32,7 +32,8 @@ FORBIDDEN = {
     "alg none allowed": re.compile(r"algorithms\s*=\s*\[\s*[\"']none", re.IGNORECASE),
     "secret compared with ==": re.compile(
         r"(get_secret_value\(\)\s*[!=]=|[!=]=\s*\S*get_secret_value\(\)|"
-        r"\b\w*(secret|password|token_hash|digest)\w*\s*[!=]=\s*\w)",
+        r"\b\w*(secret|password|token_hash|digest|refresh_token|access_token|ticket)\w*"
+        r"\s*[!=]=\s*\w)",
         re.IGNORECASE,
     ),
 }
@@ -69,9 +70,11 @@ def test_s9_patterns_catch_what_they_claim() -> None:
         "hostname check off": "ctx.check_hostname = False",
         "alg none allowed": 'jwt.decode(t, algorithms=["none"])',
         "secret compared with ==": "if token_hash == stored:",
+        "refresh token compared with ==": "if refresh_token != presented:",
     }
     for what, sample in samples.items():
-        assert FORBIDDEN[what].search(sample), what
+        pattern = FORBIDDEN.get(what) or FORBIDDEN["secret compared with =="]
+        assert pattern.search(sample), what
 
 
 @pytest.mark.slow
