@@ -220,6 +220,8 @@ async def serve_gateway(
                     task_status.started(addresses)
                     await shutdown.wait()
                     ops.draining = True
+                    log.info("draining", delay_s=settings.drain_delay_s)
+                    await trio.sleep(settings.drain_delay_s)
                     stop_servers.set()
                 workers.cancel_scope.cancel()
     finally:

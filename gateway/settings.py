@@ -41,6 +41,9 @@ class GatewaySettings(ServiceSettings):
     host: str = "127.0.0.1"
     #: 0 picks a free port (reported on start-up).
     port: int = Field(default=8443, ge=0, le=65535)
+    #: Seconds between readiness going false and the listeners closing on SIGTERM, so a load
+    #: balancer stops sending new requests first (0 = close at once; in-flight ones finish).
+    drain_delay_s: float = Field(default=0.0, ge=0, le=120)
     #: The ops listener (plain HTTP, keep it off the public network): /livez /readyz /metrics.
     ops_host: str = "127.0.0.1"
     ops_port: int = Field(default=9100, ge=0, le=65535)

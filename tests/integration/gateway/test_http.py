@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from typing import Any
 
 import httpx
@@ -378,3 +379,59 @@ async def test_ops_listener_serves_health_and_route_template_metrics(gateway: Ga
     assert "12345" not in metrics and TEACHER.user_id not in metrics
     assert 'route="(unmatched)"' in metrics
     assert "huleedu_gateway_ratelimit_decisions" in metrics
+
+
+async def test_identity_backend_down_is_a_503_problem_in_time(start_gateway: Any) -> None:
+    with trio.socket.socket() as probe:  # a port nobody listens on
+        await probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    gateway: Gateway = await start_gateway(
+        identity_target=f"127.0.0.1:{port}", identity_timeout_s=1.0
+    )
+    async with gateway.client() as client:
+        start = trio.current_time()
+        reply = await client.post(
+            "/v1/auth/login", json={"email": TEACHER.email, "password": TEACHER.password}
+        )
+        elapsed = trio.current_time() - start
+    body = assert_problem(reply, 503, "unavailable")
+    assert "identity" not in body["detail"].lower() or body["detail"].endswith("later.")
+    assert elapsed < 5
+
+
+async def test_a_hanging_identity_backend_costs_at_most_its_timeout(
+    start_gateway: Any, nursery: trio.Nursery
+) -> None:
+    held: list[trio.SocketStream] = []
+
+    async def hold(stream: trio.SocketStream) -> None:  # accepts, never answers
+        held.append(stream)
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, hold, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    gateway: Gateway = await start_gateway(
+        identity_target=f"127.0.0.1:{port}", identity_timeout_s=0.5
+    )
+    async with gateway.client() as client:
+        start = trio.current_time()
+        reply = await client.post(
+            "/v1/auth/login", json={"email": TEACHER.email, "password": TEACHER.password}
+        )
+        elapsed = trio.current_time() - start
+    assert_problem(reply, 504, "deadline_exceeded")
+    assert held and 0.5 <= elapsed < 3, elapsed
+
+
+async def test_shutdown_turns_readiness_false_before_the_listeners_close(
+    start_gateway: Any,
+) -> None:
+    gateway: Gateway = await start_gateway(drain_delay_s=0.5)
+    async with httpx.AsyncClient(base_url=gateway.addresses.ops_url) as ops, gateway.client() as c:
+        assert (await ops.get("/readyz")).status_code == 200
+        gateway.shutdown.set()
+        await trio.sleep(0.1)
+        draining = await ops.get("/readyz")
+        still_serving = await c.get("/.well-known/jwks.json")
+    assert draining.status_code == 503 and draining.json()["checks"]["not_draining"] is False
+    assert still_serving.status_code == 200
