@@ -6,8 +6,6 @@ addresses once ready. SIGTERM or SIGINT: drain and exit 0.
 
 from __future__ import annotations
 
-import json
-import signal
 import sys
 from functools import partial
 
@@ -17,32 +15,16 @@ from aggregator.serve import serve_aggregator
 from aggregator.settings import AggregatorSettings
 from common.errors import ConfigurationError
 from common.logs import configure_logging, get_logger
+from common.service import run_service
 from common.settings import load_settings, redacted
 
 
 async def _run(settings: AggregatorSettings) -> None:
-    log = get_logger("aggregator")
-    shutdown = trio.Event()
-    async with trio.open_nursery() as nursery:
-
-        async def on_signals() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    log.info("shutting down", signal=signal.Signals(signum).name)
-                    shutdown.set()
-                    return
-
-        nursery.start_soon(on_signals)
-        addresses = await nursery.start(partial(serve_aggregator, settings, shutdown=shutdown))
-        print(
-            json.dumps(
-                {"ready": True, "grpc_port": addresses.grpc_port, "ops_url": addresses.ops_url}
-            ),
-            flush=True,
-        )
-        log.info("ready", grpc_port=addresses.grpc_port, ops_url=addresses.ops_url)
-        await shutdown.wait()
-        nursery.cancel_scope.cancel()
+    await run_service(
+        "aggregator",
+        partial(serve_aggregator, settings),
+        lambda addresses: {"grpc_port": addresses.grpc_port, "ops_url": addresses.ops_url},
+    )
 
 
 def main() -> int:

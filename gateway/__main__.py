@@ -6,8 +6,6 @@ addresses once ready. SIGTERM or SIGINT: readiness false, in-flight requests fin
 
 from __future__ import annotations
 
-import json
-import signal
 import sys
 from functools import partial
 
@@ -15,6 +13,7 @@ import trio
 
 from common.errors import ConfigurationError
 from common.logs import configure_logging, get_logger
+from common.service import run_service
 from common.settings import load_settings, redacted
 from common.tracing import setup_tracing
 from gateway.serve import serve_gateway
@@ -22,37 +21,18 @@ from gateway.settings import GatewaySettings
 
 
 async def _run(settings: GatewaySettings) -> None:
-    log = get_logger("gateway")
-    shutdown = trio.Event()
-    async with trio.open_nursery() as nursery:
-
-        async def on_signals() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    log.info("shutting down", signal=signal.Signals(signum).name)
-                    shutdown.set()
-                    return
-
-        nursery.start_soon(on_signals)
-        provider = setup_tracing(
-            settings.service_name, settings.otel_exporter_otlp_endpoint, set_global=True
-        )
-        addresses = await nursery.start(
-            partial(serve_gateway, settings, shutdown=shutdown, tracer_provider=provider)
-        )
-        print(
-            json.dumps(
-                {
-                    "ready": True,
-                    "url": addresses.url,
-                    "ops_url": addresses.ops_url,
-                    "ca_file": addresses.ca_file,
-                }
-            ),
-            flush=True,
-        )
-        await shutdown.wait()
-        nursery.cancel_scope.cancel()
+    provider = setup_tracing(
+        settings.service_name, settings.otel_exporter_otlp_endpoint, set_global=True
+    )
+    await run_service(
+        "gateway",
+        partial(serve_gateway, settings, tracer_provider=provider),
+        lambda addresses: {
+            "url": addresses.url,
+            "ops_url": addresses.ops_url,
+            "ca_file": addresses.ca_file,
+        },
+    )
 
 
 def main() -> int:
