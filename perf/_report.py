@@ -84,7 +84,7 @@ def write_report(
 ) -> tuple[Path, Path]:
     """Write ``<name>.json`` (``data`` plus provenance) and ``<name>.md`` (a table)."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    provenance = {
+    provenance: dict[str, Any] = {
         "commit": _commit(),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": _command(),
