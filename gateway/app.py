@@ -8,9 +8,8 @@ RFC 9457 problem document; authentication failures all look the same (401, one b
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import wraps
 from typing import Any, TypeVar
@@ -28,17 +27,16 @@ from common.errors import (
     InternalError,
     MethodNotAllowedError,
     NotFoundError,
-    RateLimitedError,
-    UnsupportedMediaTypeError,
     ValidationError,
 )
 from common.logs import get_logger
 from common.tokens import AccessClaims
 from gateway.auth import AuthService, TokenPair
-from gateway.edge import EdgeConfig, EdgeMiddleware, EdgeStatistics, problem_response_parts
+from gateway.edge import EdgeConfig, EdgeMiddleware, EdgeStatistics
+from gateway.http import Strict, asgi_scope, json_response, problem, read_body
 from gateway.limits import Limited, RateLimits
 
-__all__ = ["GatewayApp", "create_app"]
+__all__ = ["GatewayApp", "RouteSet", "create_app"]
 
 log = get_logger("gateway.app")
 
@@ -46,18 +44,16 @@ M = TypeVar("M", bound=pydantic.BaseModel)
 #: RFC 6750 b64token after exactly one space (stricter than the RFC's 1*SP on purpose).
 _B64TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
 Handler = Callable[..., Awaitable[Response]]
+#: Adds routes to the app; gets the ``protected`` decorator for authenticated ones.
+RouteSet = Callable[[QuartTrio, Callable[[Handler], Handler]], None]
 
 
-class _Strict(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid", str_strip_whitespace=False, frozen=True)
-
-
-class LoginRequest(_Strict):
+class LoginRequest(Strict):
     email: str = pydantic.Field(min_length=3, max_length=254)
     password: str = pydantic.Field(min_length=1, max_length=1024)
 
 
-class RefreshRequest(_Strict):
+class RefreshRequest(Strict):
     refresh_token: str = pydantic.Field(min_length=1, max_length=256)
 
 
@@ -66,61 +62,6 @@ class GatewayApp:
     app: QuartTrio
     asgi: EdgeMiddleware
     stats: EdgeStatistics
-
-
-def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    body = json.dumps(payload, separators=(",", ":"))
-    return Response(body, status=status, headers=headers, content_type="application/json")
-
-
-def _scope() -> dict[str, Any]:
-    """The ASGI scope (our edge adds ``huleedu.*`` keys to it)."""
-    scope: dict[str, Any] = request.scope  # type: ignore[assignment]
-    return scope
-
-
-def _problem(error: HuleEduError) -> Response:
-    cid = _scope().get("huleedu.correlation_id")
-    status, headers, body = problem_response_parts(
-        error, cid if isinstance(cid, str) else None, request.path
-    )
-    response = Response(body, status=status)
-    for raw_name, raw_value in headers:
-        response.headers[raw_name.decode()] = raw_value.decode()
-    limited: Limited | None = g.get("limited")
-    if limited is not None and not isinstance(error, RateLimitedError):
-        for name, value in limited.headers().items():
-            response.headers.setdefault(name, value)
-    return response
-
-
-async def _body(model: type[M]) -> M:
-    content_type = request.headers.get("content-type", "")
-    if content_type.split(";")[0].strip().lower() != "application/json":
-        raise UnsupportedMediaTypeError(
-            "request body must be application/json", field="content-type"
-        )
-    raw = await request.get_data(cache=False, as_text=False)
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise ValidationError("request body is not valid JSON", field="body") from None
-    if not isinstance(data, dict):
-        raise ValidationError("request body must be a JSON object", field="body")
-    try:
-        return model.model_validate(data)
-    except pydantic.ValidationError as exc:
-        errors = [
-            {
-                "field": ".".join(str(p) for p in err["loc"]) or "body",
-                "message": "unknown field" if err["type"] == "extra_forbidden" else err["msg"],
-            }
-            for err in exc.errors()
-        ]
-        first = errors[0]
-        raise ValidationError(
-            f"{first['field']}: {first['message']}", field=first["field"], errors=errors
-        ) from None
 
 
 def _token_response(pair: TokenPair, limited: Limited, **more: Any) -> Response:
@@ -133,7 +74,7 @@ def _token_response(pair: TokenPair, limited: Limited, **more: Any) -> Response:
         "session_id": pair.session_id,
         **more,
     }
-    return _json(payload, headers=limited.headers())
+    return json_response(payload, headers=limited.headers())
 
 
 def create_app(
@@ -143,13 +84,16 @@ def create_app(
     *,
     jwks: Callable[[], dict[str, Any]],
     tracer_provider: TracerProvider | None = None,
+    routes: Sequence[RouteSet] = (),
 ) -> GatewayApp:
+    """The app with the auth routes, plus each of ``routes`` (called with the app and the
+    ``protected`` decorator that authenticates and rate-limits a handler)."""
     app = QuartTrio("gateway")
     app.config["MAX_CONTENT_LENGTH"] = edge.max_body_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
 
     def client() -> str:
-        return str(_scope().get("huleedu.client", ""))
+        return str(asgi_scope().get("huleedu.client", ""))
 
     def protected(handler: Handler) -> Handler:
         """Verify the bearer token, then count the request against the user's limit.
@@ -182,13 +126,13 @@ def create_app(
     @app.before_request
     async def route_template() -> None:
         rule = request.url_rule
-        _scope()["huleedu.route"] = rule.rule if rule is not None else None
+        asgi_scope()["huleedu.route"] = rule.rule if rule is not None else None
 
     @app.errorhandler(HuleEduError)
     async def on_error(error: HuleEduError) -> Response:
         if not isinstance(error, ClientError):
             log.error("request failed", code=error.code, reason=error.message)
-        return _problem(error)
+        return problem(error)
 
     @app.errorhandler(HTTPException)
     async def on_http_exception(error: HTTPException) -> Response:
@@ -206,16 +150,16 @@ def create_app(
             mapped = ClientError(error.description or "bad request")
         else:
             mapped = InternalError(f"HTTP {status}")
-        return _problem(mapped)
+        return problem(mapped)
 
     @app.errorhandler(Exception)
     async def on_unexpected(error: Exception) -> Response:
         log.exception("unhandled error", error_type=type(error).__name__)
-        return _problem(InternalError(type(error).__name__))
+        return problem(InternalError(type(error).__name__))
 
     @app.post("/v1/auth/login")
     async def login() -> Response:
-        body = await _body(LoginRequest)
+        body = await read_body(LoginRequest)
         account = body.email.strip().casefold()
         limited = limits.check_all(
             [(limits.login_address, client()), (limits.login_account, account)]
@@ -233,7 +177,7 @@ def create_app(
     @app.post("/v1/auth/refresh")
     async def refresh() -> Response:
         limited = g.limited = limits.check(limits.refresh, client())
-        body = await _body(RefreshRequest)
+        body = await read_body(RefreshRequest)
         pair = await auth.refresh(body.refresh_token)
         return _token_response(pair, limited)
 
@@ -248,7 +192,7 @@ def create_app(
     @protected
     async def me() -> Response:
         claims: AccessClaims = g.claims
-        return _json(
+        return json_response(
             {
                 "user_id": claims.sub,
                 "org_id": claims.org,
@@ -263,13 +207,16 @@ def create_app(
     async def ws_ticket() -> Response:
         claims: AccessClaims = g.claims
         ticket = auth.ws_ticket(claims)
-        return _json({"ticket": ticket.ticket, "expires_in": ticket.expires_in})
+        return json_response({"ticket": ticket.ticket, "expires_in": ticket.expires_in})
 
     @app.get("/.well-known/jwks.json")
     async def jwks_document() -> Response:
         limited = limits.check(limits.address, client())
         headers = {"Cache-Control": "public, max-age=300", **limited.headers()}
-        return _json(jwks(), headers=headers)
+        return json_response(jwks(), headers=headers)
+
+    for add_routes in routes:
+        add_routes(app, protected)
 
     stats = EdgeStatistics()
     asgi = EdgeMiddleware(

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 from opentelemetry.trace import TracerProvider
 
 from common.tokens import TokenSigner, TokenVerifier, VerifierPolicy
-from gateway.app import GatewayApp, create_app
+from gateway.app import GatewayApp, RouteSet, create_app
 from gateway.auth import Authenticator, AuthService, Publisher, Revocations
+from gateway.batches import BatchBackends, register_batch_routes
 from gateway.edge import EdgeConfig
 from gateway.keys import SigningKeys
 from gateway.limits import ClientAddress, RateLimits
@@ -39,8 +41,10 @@ def assemble(
     wall: Callable[[], float],
     now: Callable[[], float] = trio.current_time,
     tracer_provider: TracerProvider | None = None,
+    backends: BatchBackends | None = None,
 ) -> Assembled:
-    """``wall``: wall-clock seconds (token times); ``now``: monotonic seconds (rate limits)."""
+    """``wall``: wall-clock seconds (token times); ``now``: monotonic seconds (rate limits);
+    ``backends``: serve the batch routes against them (None: the auth routes only)."""
     policy = VerifierPolicy(
         issuer=settings.issuer,
         audience=settings.audience,
@@ -83,5 +87,15 @@ def assemble(
         cors_origins=frozenset(settings.cors_origins),
         client_address=ClientAddress(settings.trusted_proxies),
     )
-    http = create_app(auth, limits, edge, jwks=keys.public.to_jwks, tracer_provider=tracer_provider)
+    routes: list[RouteSet] = []
+    if backends is not None:
+        routes.append(partial(register_batch_routes, backends=backends, budget=settings.budget))
+    http = create_app(
+        auth,
+        limits,
+        edge,
+        jwks=keys.public.to_jwks,
+        tracer_provider=tracer_provider,
+        routes=routes,
+    )
     return Assembled(http=http, auth=auth, limits=limits, revocations=revocations)

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import hypercorn.trio
 import trio
@@ -21,7 +22,10 @@ from hypercorn.config import Config
 from opentelemetry.trace import TracerProvider
 
 from common.bus import EventBus, Headers, Subscription, open_kafka_bus, open_memory_bus
+from common.contracts.huleedu.batches import v1 as batches_v1
+from common.contracts.huleedu.files import v1 as files_v1
 from common.contracts.huleedu.identity import v1 as identity_v1
+from common.contracts.huleedu.results import v1 as results_v1
 from common.errors import DeadlineExceededError, StorageError
 from common.events import Topic
 from common.httpserver import refuse_h2c_upgrade
@@ -35,6 +39,8 @@ from gateway.auth import (
     run_revocation_consumer,
     trio_wall_clock,
 )
+from gateway.backends import Backend, BackendSettings
+from gateway.batches import BatchBackends
 from gateway.keys import load_signing_keys
 from gateway.ops import OpsState, create_ops_app
 from gateway.sessions import open_sqlite_session_store
@@ -93,6 +99,35 @@ def _tls(settings: GatewaySettings) -> tuple[TlsSettings, str | None]:
     return dev.tls_settings(), str(dev.ca_cert)
 
 
+@contextlib.asynccontextmanager
+async def _backend_channels(
+    settings: GatewaySettings, tracer_provider: TracerProvider | None
+) -> AsyncIterator[BatchBackends]:
+    """One channel (and breaker, retry budget) per backend of the batch routes."""
+
+    def channel(name: str, backend: BackendSettings) -> Any:
+        return open_channel(
+            backend.target,
+            service=name,
+            default_timeout_s=backend.default_timeout_s,
+            tracer_provider=tracer_provider,
+        )
+
+    async with (
+        channel("batches", settings.batch_backend) as batches,
+        channel("files", settings.file_backend) as files,
+        channel("results", settings.result_backend) as results,
+    ):
+        yield BatchBackends(
+            batches=Backend("batches", batches, settings.batch_backend),
+            batch_stub=batches.stub(batches_v1.BatchServiceStub),
+            files=Backend("files", files, settings.file_backend),
+            file_stub=files.stub(files_v1.FileServiceStub),
+            results=Backend("results", results, settings.result_backend),
+            result_stub=results.stub(results_v1.ResultServiceStub),
+        )
+
+
 async def serve_gateway(
     settings: GatewaySettings,
     *,
@@ -125,6 +160,7 @@ async def serve_gateway(
                 default_timeout_s=settings.identity_timeout_s,
                 tracer_provider=tracer_provider,
             ) as identity,
+            _backend_channels(settings, tracer_provider) as backends,
         ):
 
             async def publish(topic: str, key: bytes, value: bytes, headers: Headers) -> object:
@@ -139,6 +175,7 @@ async def serve_gateway(
                 publish=publish,
                 wall=wall,
                 tracer_provider=tracer_provider,
+                backends=backends,
             )
             gateway, revocations = parts.http, parts.revocations
             await rebuild_revocations(store, revocations, wall=wall, horizon_s=horizon)

@@ -15,8 +15,9 @@ from pydantic_settings import SettingsConfigDict
 from common.ratelimit import RatePolicy
 from common.settings import KafkaSettings, ServiceSettings
 from common.tls import TlsSettings
+from gateway.backends import BackendSettings
 
-__all__ = ["GatewaySettings", "LimitSettings"]
+__all__ = ["DEFAULT_ROUTE_BUDGETS_S", "GatewaySettings", "LimitSettings"]
 
 
 class LimitSettings(BaseModel):
@@ -30,6 +31,19 @@ class LimitSettings(BaseModel):
 
     def policy(self, name: str) -> RatePolicy:
         return RatePolicy(name, self.limit, self.period_s, self.burst)
+
+
+#: Route id -> seconds the route may take, backend calls included.
+DEFAULT_ROUTE_BUDGETS_S: dict[str, float] = {
+    "register_batch": 5.0,
+    "list_batches": 2.0,
+    "get_batch": 2.0,
+    "request_pipeline": 5.0,
+    "list_files": 2.0,
+    "batch_overview": 2.0,
+    "dashboard": 2.0,
+    "upload_files": 900.0,
+}
 
 
 class GatewaySettings(ServiceSettings):
@@ -60,6 +74,13 @@ class GatewaySettings(ServiceSettings):
     identity_target: str = "127.0.0.1:50051"
     identity_timeout_s: float = Field(default=3.0, gt=0, le=60)
     kafka: KafkaSettings = KafkaSettings(client_id="gateway")
+    #: The backends behind the batch routes (``HULEEDU_GATEWAY_BATCH_BACKEND__TARGET`` etc.).
+    batch_backend: BackendSettings = BackendSettings(target="127.0.0.1:50052")
+    file_backend: BackendSettings = BackendSettings(target="127.0.0.1:50053")
+    result_backend: BackendSettings = BackendSettings(target="127.0.0.1:50061")
+    #: Seconds each route may take in all (the deadline of its backend calls), by route id;
+    #: ids not given keep their defaults (:data:`DEFAULT_ROUTE_BUDGETS_S`).
+    route_budgets_s: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_ROUTE_BUDGETS_S))
 
     issuer: str = "https://gateway.huleedu.local"
     audience: str = "huleedu"
@@ -108,6 +129,20 @@ class GatewaySettings(ServiceSettings):
         for entry in value:
             ipaddress.ip_network(entry, strict=False)  # ValueError names the entry
         return value
+
+    @field_validator("route_budgets_s")
+    @classmethod
+    def _budgets(cls, value: dict[str, float]) -> dict[str, float]:
+        for route, seconds in value.items():
+            if route not in DEFAULT_ROUTE_BUDGETS_S:
+                known = ", ".join(sorted(DEFAULT_ROUTE_BUDGETS_S))
+                raise ValueError(f"unknown route {route!r}; known: {known}")
+            if not 0 < seconds <= 3600:
+                raise ValueError(f"{route}: budget must be in (0, 3600] seconds, got {seconds}")
+        return {**DEFAULT_ROUTE_BUDGETS_S, **value}
+
+    def budget(self, route: str) -> float:
+        return self.route_budgets_s[route]
 
     def under_state(self, path: Path) -> Path:
         return path if path.is_absolute() else self.state_dir / path

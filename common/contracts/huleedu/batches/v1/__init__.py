@@ -9,6 +9,8 @@ __all__ = (
     "BatchServiceStub",
     "GetBatchRequest",
     "GetBatchResponse",
+    "ListBatchesRequest",
+    "ListBatchesResponse",
     "RegisterBatchRequest",
     "RegisterBatchResponse",
     "RequestPipelineRequest",
@@ -107,6 +109,45 @@ class GetBatchResponse(betterproto2.Message):
 
 
 default_message_pool.register_message("huleedu.batches.v1", "GetBatchResponse", GetBatchResponse)
+
+
+@dataclass(eq=False, repr=False)
+class ListBatchesRequest(betterproto2.Message):
+    """
+    ListBatchesRequest asks for one page of the actor's batches.
+    """
+
+    actor: "__common__v1__.Actor | None" = betterproto2.field(
+        1, betterproto2.TYPE_MESSAGE, optional=True
+    )
+
+    page: "__common__v1__.PageRequest | None" = betterproto2.field(
+        2, betterproto2.TYPE_MESSAGE, optional=True
+    )
+
+
+default_message_pool.register_message(
+    "huleedu.batches.v1", "ListBatchesRequest", ListBatchesRequest
+)
+
+
+@dataclass(eq=False, repr=False)
+class ListBatchesResponse(betterproto2.Message):
+    """
+    ListBatchesResponse is one page of batches, newest first.
+    """
+
+    batches: "list[Batch]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
+
+    next_page_token: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    Token for the next page; empty on the last page.
+    """
+
+
+default_message_pool.register_message(
+    "huleedu.batches.v1", "ListBatchesResponse", ListBatchesResponse
+)
 
 
 @dataclass(eq=False, repr=False)
@@ -287,6 +328,27 @@ class BatchServiceStub(betterproto2_grpclib.ServiceStub):
             metadata=metadata,
         )
 
+    async def list_batches(
+        self,
+        message: "ListBatchesRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "ListBatchesResponse":
+        """
+        ListBatches lists the actor's batches, newest first.
+        """
+
+        return await self._unary_unary(
+            "/huleedu.batches.v1.BatchService/ListBatches",
+            message,
+            ListBatchesResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
 
 from ....google import protobuf as ___google__protobuf__
 from ...common import v1 as __common__v1__
@@ -324,6 +386,13 @@ class BatchServiceBase(betterproto2_grpclib.ServiceBase):
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
+    async def list_batches(self, message: "ListBatchesRequest") -> "ListBatchesResponse":
+        """
+        ListBatches lists the actor's batches, newest first.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
     async def __rpc_register_batch(
         self, stream: "grpclib.server.Stream[RegisterBatchRequest, RegisterBatchResponse]"
     ) -> None:
@@ -348,6 +417,14 @@ class BatchServiceBase(betterproto2_grpclib.ServiceBase):
         response = await self.request_pipeline(request)
         await stream.send_message(response)
 
+    async def __rpc_list_batches(
+        self, stream: "grpclib.server.Stream[ListBatchesRequest, ListBatchesResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.list_batches(request)
+        await stream.send_message(response)
+
     def __mapping__(self) -> "dict[str, grpclib.const.Handler]":
         return {
             "/huleedu.batches.v1.BatchService/RegisterBatch": grpclib.const.Handler(
@@ -367,5 +444,11 @@ class BatchServiceBase(betterproto2_grpclib.ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 RequestPipelineRequest,
                 RequestPipelineResponse,
+            ),
+            "/huleedu.batches.v1.BatchService/ListBatches": grpclib.const.Handler(
+                self.__rpc_list_batches,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ListBatchesRequest,
+                ListBatchesResponse,
             ),
         }
