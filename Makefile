@@ -42,6 +42,10 @@ proto: install $(BUF)
 	cd proto && ../$(BUF) lint
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m deploy.protogen
 
+## openapi: export the gateway's OpenAPI 3.1 document to gateway/openapi.json
+openapi: install
+	$(BIN)/python -m deploy.openapi
+
 ## lint: ruff, mypy, bandit, buf lint
 lint: install $(BUF)
 	$(BIN)/ruff check .

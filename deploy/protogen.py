@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["CONTRACTS_DIR", "DESCRIPTOR_SET", "PROTO_DIR", "generate", "main"]
+__all__ = ["CONTRACTS_DIR", "DESCRIPTOR_SET", "PROTO_DIR", "generate", "main", "proto_files"]
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"

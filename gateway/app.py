@@ -35,14 +35,29 @@ from gateway.auth import AuthService, TokenPair
 from gateway.edge import EdgeConfig, EdgeMiddleware, EdgeStatistics
 from gateway.http import Strict, asgi_scope, json_response, problem, read_body
 from gateway.limits import Limited, RateLimits
+from gateway.openapi import api, install_openapi
 
-__all__ = ["GatewayApp", "RouteSet", "create_app"]
+__all__ = [
+    "API_VERSION",
+    "GatewayApp",
+    "JwksResponse",
+    "LoginRequest",
+    "MeResponse",
+    "RefreshRequest",
+    "RouteSet",
+    "TicketResponse",
+    "TokenResponse",
+    "UserOut",
+    "create_app",
+]
 
 log = get_logger("gateway.app")
 
 M = TypeVar("M", bound=pydantic.BaseModel)
 #: RFC 6750 b64token after exactly one space (stricter than the RFC's 1*SP on purpose).
 _B64TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+#: The API's version in the OpenAPI document.
+API_VERSION = "1.0.0"
 Handler = Callable[..., Awaitable[Response]]
 #: Adds routes to the app; gets the ``protected`` decorator for authenticated ones.
 RouteSet = Callable[[QuartTrio, Callable[[Handler], Handler]], None]
@@ -55,6 +70,47 @@ class LoginRequest(Strict):
 
 class RefreshRequest(Strict):
     refresh_token: str = pydantic.Field(min_length=1, max_length=256)
+
+
+class UserOut(pydantic.BaseModel):
+    user_id: str
+    org_id: str
+    roles: list[str]
+    display_name: str
+
+
+class TokenResponse(pydantic.BaseModel):
+    """A token pair. Send ``access_token`` as ``Authorization: Bearer ...``; trade
+    ``refresh_token`` (once) for a new pair before ``refresh_expires_in`` runs out."""
+
+    access_token: str
+    token_type: str = pydantic.Field(description="Always `Bearer`.")
+    expires_in: int = pydantic.Field(description="Seconds the access token is valid.")
+    refresh_token: str
+    refresh_expires_in: int
+    session_id: str
+    user: UserOut | None = pydantic.Field(default=None, description="On login only.")
+
+
+class MeResponse(pydantic.BaseModel):
+    user_id: str
+    org_id: str
+    roles: list[str]
+    session_id: str
+    expires_at: int = pydantic.Field(description="When the access token expires (Unix time).")
+
+
+class TicketResponse(pydantic.BaseModel):
+    """A one-time ticket for the WebSocket handshake."""
+
+    ticket: str
+    expires_in: int
+
+
+class JwksResponse(pydantic.BaseModel):
+    """The public keys access tokens are signed with (current and previous), by ``kid``."""
+
+    keys: list[dict[str, Any]]
 
 
 @dataclass
@@ -158,6 +214,14 @@ def create_app(
         return problem(InternalError(type(error).__name__))
 
     @app.post("/v1/auth/login")
+    @api(
+        "login",
+        "auth",
+        request=LoginRequest,
+        response=TokenResponse,
+        errors=(401, 415, 422, 503),
+        auth=False,
+    )
     async def login() -> Response:
         body = await read_body(LoginRequest)
         account = body.email.strip().casefold()
@@ -175,6 +239,14 @@ def create_app(
         return _token_response(pair, limited, user=user)
 
     @app.post("/v1/auth/refresh")
+    @api(
+        "refresh",
+        "auth",
+        request=RefreshRequest,
+        response=TokenResponse,
+        errors=(401, 408, 415, 422),
+        auth=False,
+    )
     async def refresh() -> Response:
         limited = g.limited = limits.check(limits.refresh, client())
         body = await read_body(RefreshRequest)
@@ -182,6 +254,7 @@ def create_app(
         return _token_response(pair, limited)
 
     @app.post("/v1/auth/logout")
+    @api("logout", "auth", ok=204)
     @protected
     async def logout() -> Response:
         claims: AccessClaims = g.claims
@@ -189,6 +262,7 @@ def create_app(
         return Response("", status=204)
 
     @app.get("/v1/auth/me")
+    @api("get_me", "auth", response=MeResponse)
     @protected
     async def me() -> Response:
         claims: AccessClaims = g.claims
@@ -203,6 +277,7 @@ def create_app(
         )
 
     @app.post("/v1/auth/ws-ticket")
+    @api("create_ws_ticket", "auth", response=TicketResponse)
     @protected
     async def ws_ticket() -> Response:
         claims: AccessClaims = g.claims
@@ -210,6 +285,7 @@ def create_app(
         return json_response({"ticket": ticket.ticket, "expires_in": ticket.expires_in})
 
     @app.get("/.well-known/jwks.json")
+    @api("get_jwks", "auth", response=JwksResponse, auth=False)
     async def jwks_document() -> Response:
         limited = limits.check(limits.address, client())
         headers = {"Cache-Control": "public, max-age=300", **limited.headers()}
@@ -217,6 +293,15 @@ def create_app(
 
     for add_routes in routes:
         add_routes(app, protected)
+    install_openapi(
+        app,
+        title="HuleEdu API",
+        version=API_VERSION,
+        description=(
+            "The HuleEdu interface tier's HTTPS API. Every error is an RFC 9457 problem "
+            "document (`application/problem+json`) with `code` and `correlation_id`."
+        ),
+    )
 
     stats = EdgeStatistics()
     asgi = EdgeMiddleware(

@@ -19,6 +19,7 @@ from gateway.keys import SigningKeys
 from gateway.limits import ClientAddress, RateLimits
 from gateway.sessions import SessionStore
 from gateway.settings import GatewaySettings
+from gateway.uploads import UploadLimits, is_upload, register_upload_routes
 
 __all__ = ["Assembled", "assemble"]
 
@@ -86,10 +87,29 @@ def assemble(
         max_credential_bytes=settings.max_token_bytes + len("Bearer "),
         cors_origins=frozenset(settings.cors_origins),
         client_address=ClientAddress(settings.trusted_proxies),
+        streaming=lambda method, path: (
+            (settings.upload_max_total_bytes, settings.upload_idle_timeout_s)
+            if is_upload(method, path)
+            else None
+        ),
     )
     routes: list[RouteSet] = []
     if backends is not None:
         routes.append(partial(register_batch_routes, backends=backends, budget=settings.budget))
+        routes.append(
+            partial(
+                register_upload_routes,
+                backends=backends,
+                budget=settings.budget,
+                limits=UploadLimits(
+                    max_file_bytes=settings.upload_max_file_bytes,
+                    max_files=settings.upload_max_files,
+                    max_total_bytes=settings.upload_max_total_bytes,
+                    allowed_types=frozenset(settings.upload_allowed_types),
+                    chunk_bytes=settings.upload_chunk_bytes,
+                ),
+            )
+        )
     http = create_app(
         auth,
         limits,

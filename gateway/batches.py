@@ -36,9 +36,11 @@ from common.errors import (
     ValidationError,
 )
 from common.logs import get_logger
+from common.rpc import RpcChannel
 from common.tokens import AccessClaims
 from gateway.backends import Backend, public_error, route_budget
 from gateway.http import asgi_scope, json_response, parse_query, read_body
+from gateway.openapi import api
 from gateway.views import (
     BatchOut,
     BatchPage,
@@ -63,6 +65,8 @@ log = get_logger("gateway.batches")
 
 Handler = Callable[..., Awaitable[Response]]
 Protect = Callable[[Handler], Handler]
+#: What a route calling a backend can answer besides its own errors.
+BACKEND_ERRORS = (502, 503, 504)
 #: Recent batches on the dashboard.
 DASHBOARD_RECENT = 10
 
@@ -75,6 +79,8 @@ class BatchBackends:
     batch_stub: batches_v1.BatchServiceStub
     files: Backend
     file_stub: files_v1.FileServiceStub
+    #: The file backend's channel, for the client-streaming upload call.
+    file_channel: RpcChannel
     results: Backend
     result_stub: results_v1.ResultServiceStub
 
@@ -159,6 +165,14 @@ def register_batch_routes(
         return found
 
     @app.post("/v1/batches")
+    @api(
+        "register_batch",
+        "batches",
+        ok=201,
+        request=RegisterBatchRequest,
+        response=BatchOut,
+        errors=(*BACKEND_ERRORS, 401, 415, 422),
+    )
     @protected
     async def register_batch() -> Response:
         body = await read_body(RegisterBatchRequest)
@@ -180,6 +194,13 @@ def register_batch_routes(
         )
 
     @app.get("/v1/batches")
+    @api(
+        "list_batches",
+        "batches",
+        query=ListBatchesQuery,
+        response=BatchPage,
+        errors=(*BACKEND_ERRORS, 422),
+    )
     @protected
     async def list_batches() -> Response:
         query = parse_query(ListBatchesQuery)
@@ -199,6 +220,7 @@ def register_batch_routes(
         return json_response(page.model_dump(mode="json"))
 
     @app.get("/v1/batches/<batch_id>")
+    @api("get_batch", "batches", response=BatchProgress, errors=(*BACKEND_ERRORS, 404, 422))
     @protected
     async def get_batch(batch_id: str) -> Response:
         req = results_v1.GetBatchRequest(
@@ -209,6 +231,14 @@ def register_batch_routes(
         return json_response(BatchProgress.of(_need(reply.batch)).model_dump(mode="json"))
 
     @app.post("/v1/batches/<batch_id>/pipelines")
+    @api(
+        "request_pipeline",
+        "batches",
+        ok=202,
+        request=PipelineRequest,
+        response=PipelineAccepted,
+        errors=(*BACKEND_ERRORS, 404, 409, 415, 422),
+    )
     @protected
     async def request_pipeline(batch_id: str) -> Response:
         batch_id = batch_id_from_path(batch_id)
@@ -229,6 +259,7 @@ def register_batch_routes(
         return json_response(out.model_dump(mode="json"), status=202)
 
     @app.get("/v1/batches/<batch_id>/files")
+    @api("list_files", "files", response=FileList, errors=(*BACKEND_ERRORS, 404, 422))
     @protected
     async def list_files(batch_id: str) -> Response:
         batch_id = batch_id_from_path(batch_id)
@@ -239,6 +270,7 @@ def register_batch_routes(
         return json_response(out.model_dump(mode="json"))
 
     @app.get("/v1/batches/<batch_id>/overview")
+    @api("get_batch_overview", "batches", response=Overview, errors=(404, 422, 503))
     @protected
     async def batch_overview(batch_id: str) -> Response:
         batch_id = batch_id_from_path(batch_id)
@@ -287,6 +319,7 @@ def register_batch_routes(
         return json_response(out.model_dump(mode="json"))
 
     @app.get("/v1/dashboard")
+    @api("get_dashboard", "dashboard", response=Dashboard, errors=(503,))
     @protected
     async def dashboard() -> Response:
         who = actor(claims())

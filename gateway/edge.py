@@ -10,7 +10,9 @@
 7. the body read here, before the app runs: ``Content-Length`` over the limit -> 413 at once,
    more bytes than the limit -> 413, slower than ``body_timeout_s`` from start to end -> 408 and
    the connection closed. The app then gets the whole body in one message (JSON routes need
-   no streaming; streaming routes are listed in ``streaming_paths`` and bound their own reads);
+   no streaming). Streaming routes (``streaming``: uploads) get a pull-based
+   :class:`~gateway.bodystream.BodyStream` in ``scope["huleedu.body"]`` instead, with their
+   own size limit and idle timeout;
 8. security headers on every response, ``Cache-Control: no-store`` unless the app set one;
 9. request counts and durations per route template (set by the app) for ``/metrics``.
 
@@ -42,9 +44,17 @@ from common.errors import (
 )
 from common.logs import get_logger
 from common.tracing import extract_context
+from gateway.bodystream import SCOPE_KEY as BODY_SCOPE_KEY
+from gateway.bodystream import BodyStream
 from gateway.limits import ClientAddress
 
-__all__ = ["EdgeConfig", "EdgeMiddleware", "EdgeStatistics", "problem_response_parts"]
+__all__ = [
+    "EdgeConfig",
+    "EdgeMiddleware",
+    "EdgeStatistics",
+    "header_values",
+    "problem_response_parts",
+]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -105,8 +115,9 @@ class EdgeConfig:
     client_address: ClientAddress
     #: An ``Authorization`` value longer than this is replaced by an invalid placeholder.
     max_credential_bytes: int = 8192
-    #: Path prefixes whose body the app reads itself (streaming uploads).
-    streaming_paths: tuple[str, ...] = ()
+    #: ``(method, path)`` -> the limits of a route that reads its body as a stream
+    #: (``(max_bytes, idle_timeout_s)``), or None for a route whose body the edge reads.
+    streaming: Callable[[str, str], tuple[int, float] | None] = lambda method, path: None
 
 
 @dataclass
@@ -310,12 +321,19 @@ class EdgeMiddleware:
             if preflight and method == "OPTIONS":
                 await self._preflight(allowed_origin, origin, refuse, send_wrapped)
                 return
-            path = str(scope.get("path", ""))
-            if any(path.startswith(p) for p in self.config.streaming_paths):
-                await self.app(scope, receive, send_wrapped)
-                return
             if bad_length:
                 await refuse(ClientError("Content-Length is not a number", field="content-length"))
+                return
+            limits = self.config.streaming(method, str(scope.get("path", "")))
+            if limits is not None:
+                stream = BodyStream(
+                    receive,
+                    max_bytes=limits[0],
+                    idle_timeout_s=limits[1],
+                    content_length=content_length,
+                )
+                scope[BODY_SCOPE_KEY] = stream
+                await self.app(scope, stream.app_receive(), send_wrapped)
                 return
             try:
                 body, tail = await self._read_body(receive, content_length)

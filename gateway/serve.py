@@ -46,7 +46,7 @@ from gateway.ops import OpsState, create_ops_app
 from gateway.sessions import open_sqlite_session_store
 from gateway.settings import GatewaySettings
 
-__all__ = ["GatewayAddresses", "serve_gateway"]
+__all__ = ["GatewayAddresses", "open_backend_channels", "serve_gateway"]
 
 log = get_logger("gateway")
 
@@ -100,7 +100,7 @@ def _tls(settings: GatewaySettings) -> tuple[TlsSettings, str | None]:
 
 
 @contextlib.asynccontextmanager
-async def _backend_channels(
+async def open_backend_channels(
     settings: GatewaySettings, tracer_provider: TracerProvider | None
 ) -> AsyncIterator[BatchBackends]:
     """One channel (and breaker, retry budget) per backend of the batch routes."""
@@ -123,6 +123,7 @@ async def _backend_channels(
             batch_stub=batches.stub(batches_v1.BatchServiceStub),
             files=Backend("files", files, settings.file_backend),
             file_stub=files.stub(files_v1.FileServiceStub),
+            file_channel=files,
             results=Backend("results", results, settings.result_backend),
             result_stub=results.stub(results_v1.ResultServiceStub),
         )
@@ -160,7 +161,7 @@ async def serve_gateway(
                 default_timeout_s=settings.identity_timeout_s,
                 tracer_provider=tracer_provider,
             ) as identity,
-            _backend_channels(settings, tracer_provider) as backends,
+            open_backend_channels(settings, tracer_provider) as backends,
         ):
 
             async def publish(topic: str, key: bytes, value: bytes, headers: Headers) -> object:

@@ -108,6 +108,21 @@ class GatewaySettings(ServiceSettings):
     #: Seconds an idle keep-alive connection stays open; also cuts a trickle of headers.
     keep_alive_timeout_s: float = Field(default=5.0, gt=0, le=300)
 
+    #: Uploads (``POST /v1/batches/{id}/files``): per file, per request, files per request.
+    upload_max_file_bytes: int = Field(default=50 << 20, ge=1024, le=8 << 30)
+    upload_max_total_bytes: int = Field(default=512 << 20, ge=1024, le=16 << 30)
+    upload_max_files: int = Field(default=100, ge=1, le=1000)
+    #: Media types accepted (each also checked against the file's first bytes).
+    upload_allowed_types: tuple[str, ...] = (
+        "text/plain",
+        "application/pdf",
+        "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+    )
+    #: Seconds an upload may send no byte before it is cut (408).
+    upload_idle_timeout_s: float = Field(default=30.0, gt=0, le=600)
+    #: Bytes per chunk message forwarded to the file backend (its limit is 1 MiB).
+    upload_chunk_bytes: int = Field(default=256 << 10, ge=4096, le=1 << 20)
+
     limit_user: LimitSettings = LimitSettings(limit=600, period_s=60, burst=100)
     limit_address: LimitSettings = LimitSettings(limit=300, period_s=60, burst=60)
     limit_login_address: LimitSettings = LimitSettings(limit=10, period_s=60, burst=5)

@@ -10,9 +10,12 @@ from types import ModuleType
 
 import pytest
 
+import aggregator
 import common
+import deploy
+import gateway
 
-PACKAGES = [common]
+PACKAGES = [common, gateway, aggregator, deploy]
 
 
 def _public_modules() -> list[str]:
