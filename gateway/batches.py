@@ -128,9 +128,10 @@ async def _call(backend: Backend, what: str, method: Any, req: Any, *, read: boo
 
 
 async def _gather(
-    parts: dict[Part, Callable[[], Awaitable[Any]]], what: str
+    parts: dict[Part, Callable[[], Awaitable[Any]]], what: str, budget_s: float
 ) -> tuple[dict[Part, Any], list[Part], list[HuleEduError]]:
-    """Run ``parts`` concurrently under the current deadline: (results, missing, errors)."""
+    """Run ``parts`` concurrently for at most ``budget_s``: (results, missing, errors). A part
+    still running at the deadline is cancelled and missing; the others' results stand."""
     results: dict[Part, Any] = {}
     errors: dict[Part, HuleEduError] = {}
 
@@ -140,18 +141,14 @@ async def _gather(
         except HuleEduError as exc:
             errors[name] = public_error(exc, what)
 
-    with trio.CancelScope(deadline=trio.current_effective_deadline()):
+    with trio.move_on_after(budget_s):
         async with trio.open_nursery() as nursery:
             for name, fetch in parts.items():
                 nursery.start_soon(one, name, fetch)
     missing = [name for name in parts if name not in results]
     for name in missing:
         error = errors.get(name)
-        log.info(
-            "aggregation part missing",
-            part=name,
-            reason=error.code if error else "deadline",
-        )
+        log.info("aggregation part missing", part=name, reason=error.code if error else "deadline")
     return results, missing, list(errors.values())
 
 
@@ -299,11 +296,7 @@ def register_batch_routes(
             "progress": progress,
             "files": files,
         }
-        got: dict[Part, Any] = {}
-        errors: list[HuleEduError] = []
-        with trio.move_on_after(budget("batch_overview")):
-            got, _, errors = await _gather(parts, "batch")
-        missing = [name for name in parts if name not in got]
+        got, missing, errors = await _gather(parts, "batch", budget("batch_overview"))
         not_found = [e for e in errors if isinstance(e, NotFoundError)]
         if not_found and "registration" not in got:
             raise not_found[0]
@@ -342,9 +335,7 @@ def register_batch_routes(
             "summary": summary,
             "registrations": registrations,
         }
-        with trio.move_on_after(budget("dashboard")):
-            got, missing, _ = await _gather(parts, "dashboard")
-        missing = [name for name in parts if name not in got]
+        got, missing, _ = await _gather(parts, "dashboard", budget("dashboard"))
         if not got:
             raise UnavailableError("no backend answered in time", service="gateway")
         result: results_v1.GetDashboardResponse | None = got.get("summary")

@@ -16,6 +16,7 @@ from common.ratelimit import RatePolicy
 from common.settings import KafkaSettings, ServiceSettings
 from common.tls import TlsSettings
 from gateway.backends import BackendSettings
+from gateway.sniff import ALLOWED_TYPES
 
 __all__ = ["DEFAULT_ROUTE_BUDGETS_S", "GatewaySettings", "LimitSettings"]
 
@@ -143,6 +144,17 @@ class GatewaySettings(ServiceSettings):
     def _proxies(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for entry in value:
             ipaddress.ip_network(entry, strict=False)  # ValueError names the entry
+        return value
+
+    @field_validator("upload_allowed_types")
+    @classmethod
+    def _types(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [t for t in value if t not in ALLOWED_TYPES]
+        if unknown:
+            known = ", ".join(sorted(ALLOWED_TYPES))
+            raise ValueError(f"no content check for {unknown[0]!r}; types with one: {known}")
+        if not value:
+            raise ValueError("at least one type must be allowed")
         return value
 
     @field_validator("route_budgets_s")

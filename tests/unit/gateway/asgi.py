@@ -33,6 +33,7 @@ async def call(
 ) -> Reply:
     """One request; ``body`` may be chunks, sent ``gaps_s`` apart (a slow client)."""
     chunks = [body] if isinstance(body, bytes) else list(body)
+    path, _, query = path.partition("?")
     scope = {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.3"},
@@ -41,7 +42,7 @@ async def call(
         "scheme": "https",
         "path": path,
         "raw_path": path.encode(),
-        "query_string": b"",
+        "query_string": query.encode(),
         "root_path": "",
         "headers": [(k.lower().encode(), v.encode()) for k, v in headers],
         "client": client,

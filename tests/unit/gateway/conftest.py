@@ -30,10 +30,12 @@ async def _authenticate(email: str, password: str) -> identity_v1.User:
 
 @pytest.fixture
 async def make_gateway(tmp_path: Path) -> AsyncIterator[Any]:
-    """``await make_gateway(**settings)`` -> :class:`Assembled`, with ``.published`` events."""
+    """``await make_gateway(backends=..., **settings)`` -> :class:`Assembled`, with
+    ``.published`` events; ``backends``: a :class:`gateway.batches.BatchBackends` (none: the
+    batch routes are not served)."""
     stores = []
 
-    async def make(**over: Any) -> Assembled:
+    async def make(*, backends: Any = None, **over: Any) -> Assembled:
         settings = GatewaySettings(state_dir=tmp_path, **over)
         store = await open_sqlite_session_store(":memory:")
         stores.append(store)
@@ -49,6 +51,7 @@ async def make_gateway(tmp_path: Path) -> AsyncIterator[Any]:
             authenticate=_authenticate,
             publish=publish,
             wall=trio_wall_clock(),
+            backends=backends,
         )
         parts.http.app.config["published"] = published
         return parts
