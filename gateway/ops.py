@@ -19,7 +19,9 @@ from prometheus_client.registry import Collector
 from quart import Response
 from quart_trio import QuartTrio
 
+from common.breaker import BreakerState
 from common.ratelimit import GcraLimiter
+from gateway.backends import Backend
 from gateway.edge import EdgeStatistics
 
 __all__ = ["OpsState", "create_ops_app"]
@@ -31,6 +33,8 @@ class OpsState:
     limiters: dict[str, GcraLimiter]
     bus_healthy: Callable[[], bool]
     revoked_sessions: Callable[[], int]
+    #: The backends behind the batch routes (their breakers and retry budgets).
+    backends: tuple[Backend, ...] = ()
     revocations_consuming: bool = False
     serving: bool = False
     draining: bool = False
@@ -95,6 +99,33 @@ class _Collector(Collector):
         )
         revoked.add_metric([], self._state.revoked_sessions())
         yield revoked
+        state = GaugeMetricFamily(
+            "huleedu_gateway_backend_breaker_state",
+            "Circuit breaker state per backend (1 for the current state)",
+            labels=["backend", "state"],
+        )
+        opened = CounterMetricFamily(
+            "huleedu_gateway_backend_breaker_opened",
+            "Times a backend's breaker opened",
+            labels=["backend"],
+        )
+        calls = CounterMetricFamily(
+            "huleedu_gateway_backend_calls", "Calls per backend", labels=["backend"]
+        )
+        for backend in self._state.backends:
+            breaker = backend.breaker.statistics()
+            for candidate in BreakerState:
+                state.add_metric(
+                    [backend.name, candidate.name.lower()],
+                    1.0 if breaker.state is candidate else 0.0,
+                )
+            opened.add_metric([backend.name], breaker.times_opened)
+            channel_stats = getattr(backend.channel, "statistics", None)
+            if callable(channel_stats):
+                calls.add_metric([backend.name], channel_stats().calls)
+        yield state
+        yield opened
+        yield calls
 
 
 def create_ops_app(state: OpsState) -> QuartTrio:

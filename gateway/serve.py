@@ -185,6 +185,7 @@ async def serve_gateway(
                 limiters=parts.limits.all(),
                 bus_healthy=lambda: the_bus.statistics().healthy,
                 revoked_sessions=lambda: len(revocations),
+                backends=(backends.batches, backends.files, backends.results),
             )
 
             def subscribe() -> contextlib.AbstractAsyncContextManager[Subscription]:
