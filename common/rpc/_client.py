@@ -252,6 +252,8 @@ class RpcChannel:
                         )
                     self._count_error(mapped)
                     call._error = mapped
+                except trio.ClosedResourceError:
+                    pass  # the caller aborted the stream (see _abort): its error is raised
                 finally:
                     _trailers.reset(token)
                     # Unblock a sender waiting on a full buffer: the call is over.
@@ -267,10 +269,10 @@ class RpcChannel:
                     yield call
                 except BaseException as exc:
                     body_error = exc
-                    nursery.cancel_scope.cancel()
+                    _abort(receive, nursery)
                 else:
                     if not call._finished:
-                        nursery.cancel_scope.cancel()
+                        _abort(receive, nursery)
             if body_error is not None:
                 raise body_error
             if call._error is not None:
@@ -278,6 +280,19 @@ class RpcChannel:
 
 
 _END: Any = object()
+
+
+def _abort(receive: trio.MemoryReceiveChannel[Any], nursery: trio.Nursery) -> None:
+    """Abort a client stream whose caller gave up.
+
+    Closing the receive side first makes the asyncio-side message iterator, if it is waiting
+    for the next message, raise at once (a waiting ``trio_as_aio`` receive is not reliably
+    woken by cancelling the asyncio task alone: measured, the call could hang forever). The
+    iterator raising (never ending) makes grpclib reset the stream, so the server sees an
+    aborted upload, not a complete one. Cancelling then cuts whatever else is in flight.
+    """
+    receive.close()
+    nursery.cancel_scope.cancel()
 
 
 class StreamCall(Generic[Req, Resp]):

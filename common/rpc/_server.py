@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
@@ -115,14 +115,20 @@ class _TrioServicer:
         self, method: Callable[[Any], Awaitable[Any]], span_name: str
     ) -> Callable[[Stream[Any, Any]], Awaitable[None]]:
         async def handle(stream: Stream[Any, Any]) -> None:
-            async def messages() -> AsyncIterator[Any]:
+            async def messages() -> AsyncGenerator[Any, None]:
                 while True:
                     message = await trio_asyncio.aio_as_trio(stream.recv_message)()
                     if message is None:
                         return
                     yield message
 
-            await self._respond(stream, method, messages(), span_name)
+            incoming = messages()
+            try:
+                await self._respond(stream, method, incoming, span_name)
+            finally:
+                # A method that stops early (an error after the header) leaves it suspended;
+                # closing runs no await, so it is safe from this (asyncio) side.
+                await incoming.aclose()
 
         return handle
 

@@ -319,6 +319,21 @@ async def test_abandoned_upload_is_cancelled_on_the_server(
         await files.aborted.wait()
 
 
+async def test_giving_up_while_the_sender_waits_for_the_next_message_never_hangs(
+    served: tuple[Results, Files, RpcChannel],
+) -> None:
+    # Regression: the caller raising while grpclib's side waited for the next message left
+    # the call hanging forever (cancelling the asyncio task did not wake that wait).
+    _, _, channel = served
+    stub = channel.stub(files_v1.FileServiceStub)
+    for messages in range(1, 30):
+        with trio.fail_after(5), pytest.raises(KeyError):
+            async with channel.stream_unary(stub.upload_files) as call:
+                for _ in range(messages):
+                    await call.send(files_v1.UploadFilesRequest(chunk=b"essay"))
+                raise KeyError("client gave up")
+
+
 async def test_a_limit_hit_mid_upload_ends_the_senders_wait_with_the_error(
     served: tuple[Results, Files, RpcChannel],
 ) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +14,17 @@ import httpx
 import pytest
 import trio
 
+from aggregator.serve import serve_aggregator
+from aggregator.settings import AggregatorSettings
 from common.bus import EventBus, open_memory_bus
 from common.rpc import open_rpc_loop
 from common.tls import client_context
+from deploy.sandbox.backends import SandboxBackends, serve_sandbox_backends
 from deploy.sandbox.identity import DEMO_USERS, ScryptParams, serve_sandbox_identity
+from deploy.sandbox.simulator import SimulatorSettings
+from gateway.backends import BackendSettings
 from gateway.serve import GatewayAddresses, serve_gateway
-from gateway.settings import GatewaySettings
+from gateway.settings import GatewaySettings, LimitSettings
 
 TEACHER = DEMO_USERS[0]
 TEACHER2 = DEMO_USERS[1]
@@ -32,6 +38,13 @@ class Gateway:
     settings: GatewaySettings
     shutdown: trio.Event
     bus: EventBus
+    #: Set once the gateway has stopped.
+    stopped: trio.Event = field(default_factory=trio.Event)
+
+    async def stop(self) -> None:
+        self.shutdown.set()
+        with trio.fail_after(15):
+            await self.stopped.wait()
 
     @property
     def url(self) -> str:
@@ -126,8 +139,9 @@ async def start_gateway(
                     done.set()
 
             addresses = await nursery.start(run)
-            return Gateway(addresses, settings, shutdown, the_bus or memory)
+            return Gateway(addresses, settings, shutdown, the_bus or memory, done)
 
+        start.bus = memory  # type: ignore[attr-defined]  # the bus gateways share by default
         yield start
         for stop in stops:
             stop.set()
@@ -140,3 +154,83 @@ async def start_gateway(
 async def gateway(start_gateway: GatewayFactory) -> Gateway:
     running: Gateway = await start_gateway()
     return running
+
+
+#: Limits high enough that a test's own traffic is never throttled.
+UNTHROTTLED: dict[str, Any] = {
+    "limit_user": LimitSettings(limit=100_000, period_s=60, burst=10_000),
+    "limit_address": LimitSettings(limit=100_000, period_s=60, burst=10_000),
+}
+
+
+@dataclass
+class Stack:
+    """Gateway + sandbox batch/file backends + the real aggregator, on one memory bus."""
+
+    gateway: Gateway
+    sandbox: SandboxBackends
+    aggregator_port: int
+    bus: EventBus
+    start_gateway: GatewayFactory
+
+    def backend_settings(self) -> dict[str, BackendSettings]:
+        target = f"127.0.0.1:{self.sandbox.port}"
+        return {
+            "batch_backend": BackendSettings(target=target),
+            "file_backend": BackendSettings(target=target),
+            "result_backend": BackendSettings(target=f"127.0.0.1:{self.aggregator_port}"),
+        }
+
+    gateways: list[Gateway] = field(default_factory=list)
+
+    async def another_gateway(self, **settings: Any) -> Gateway:
+        """A second gateway on the same backends and bus (e.g. with other limits)."""
+        values = {**self.backend_settings(), **UNTHROTTLED, **settings}
+        started: Gateway = await self.start_gateway(bus=self.bus, **values)
+        self.gateways.append(started)
+        return started
+
+
+@pytest.fixture
+async def stack(
+    nursery: trio.Nursery, start_gateway: GatewayFactory, tmp_path: Path
+) -> AsyncIterator[Stack]:
+    """The whole read/write path over real sockets (gRPC between services, TLS at the edge)."""
+    stop = trio.Event()
+    done = trio.Event()
+
+    async def run(task_status: trio.TaskStatus[tuple[EventBus, SandboxBackends, int]]) -> None:
+        try:
+            bus: EventBus = start_gateway.bus  # type: ignore[attr-defined]
+            async with trio.open_nursery() as inner:
+                sandbox: SandboxBackends = await inner.start(
+                    partial(
+                        serve_sandbox_backends,
+                        bus,
+                        tmp_path,
+                        simulator=SimulatorSettings(essay_delay_s=0.01, phase_delay_s=0.02),
+                        shutdown_trigger=stop.wait,
+                    )
+                )
+                shutdown = trio.Event()
+                settings = AggregatorSettings(
+                    grpc_port=0, ops_port=0, db_path=tmp_path / "aggregator.db"
+                )
+                addresses = await inner.start(
+                    partial(serve_aggregator, settings, shutdown=shutdown, bus=bus)
+                )
+                task_status.started((bus, sandbox, addresses.grpc_port))
+                await stop.wait()
+                shutdown.set()
+        finally:
+            done.set()
+
+    bus, sandbox, aggregator_port = await nursery.start(run)
+    partial_stack = Stack(None, sandbox, aggregator_port, bus, start_gateway)  # type: ignore[arg-type]
+    partial_stack.gateway = await partial_stack.another_gateway()
+    yield partial_stack
+    for running in partial_stack.gateways:  # clients of the backends go first
+        await running.stop()
+    stop.set()
+    with trio.fail_after(15):
+        await done.wait()
