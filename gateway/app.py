@@ -206,7 +206,11 @@ def create_app(
             mapped = ClientError(error.description or "bad request")
         else:
             mapped = InternalError(f"HTTP {status}")
-        return problem(mapped)
+        response = problem(mapped)
+        allowed = getattr(error, "valid_methods", None)
+        if status == 405 and allowed:  # RFC 9110: a 405 lists what the resource allows
+            response.headers["Allow"] = ", ".join(sorted(set(allowed)))
+        return response
 
     @app.errorhandler(Exception)
     async def on_unexpected(error: Exception) -> Response:

@@ -181,6 +181,8 @@ def _fix_operation(operation: dict[str, Any], meta: dict[str, Any]) -> None:
         answer["headers"] = headers
     wanted = meta["request_content_type"]
     body = operation.get("requestBody")
+    if body is not None:
+        body["required"] = True
     if body is not None and wanted and wanted != "application/json":
         body["content"] = {wanted: body["content"].pop("application/json")}
     if not operation.get("parameters"):
