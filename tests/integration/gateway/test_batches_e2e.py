@@ -17,6 +17,7 @@ import httpx
 import pytest
 import trio
 
+from gateway.backends import BackendSettings
 from tests.integration.gateway.conftest import TEACHER, TEACHER2, Gateway, Stack
 
 DOCX_TYPE = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
@@ -343,3 +344,32 @@ async def test_register_validation_names_the_field(stack: Stack) -> None:
             headers={"idempotency-key": ident},
         )
         assert first.json()["batch_id"] == again.json()["batch_id"]
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_a_backend_that_is_down_gives_503_or_a_marked_partial_within_budget(
+    stack: Stack,
+) -> None:
+    down = BackendSettings(target=f"127.0.0.1:{_closed_port()}", retry_attempts=2)
+    gateway = await stack.another_gateway(result_backend=down)
+    async with gateway.client() as client:
+        await authed(gateway, client)
+        batch_id = (await register(client))["batch_id"]
+        started = trio.current_time()
+        reply = await client.get(f"/v1/batches/{batch_id}")
+        assert reply.status_code == 503, reply.text
+        assert reply.json()["code"] in ("unavailable", "circuit_open")
+        overview = await client.get(f"/v1/batches/{batch_id}/overview")
+        assert overview.status_code == 200
+        assert overview.json()["incomplete"] == ["progress"]
+        assert overview.json()["registration"]["batch_id"] == batch_id
+        dashboard = await client.get("/v1/dashboard")
+        assert dashboard.status_code == 200 and dashboard.json()["incomplete"] == ["summary"]
+        assert trio.current_time() - started < 2.0  # refused connections fail fast
