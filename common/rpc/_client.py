@@ -27,6 +27,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import h2.exceptions
 import trio
 import trio_asyncio
 from grpclib import GRPCError
@@ -137,6 +138,14 @@ class RpcChannel:
             )
         if isinstance(exc, asyncio.TimeoutError | TimeoutError):
             return DeadlineExceededError(f"{self.service}: deadline exceeded", service=self.service)
+        if isinstance(exc, h2.exceptions.StreamClosedError):
+            # The server ended a client stream while we were still sending (it refused the
+            # upload); grpclib then fails on the closed HTTP/2 stream before it reads the
+            # server's status, so all that is known is that the call was refused.
+            return UnavailableError(
+                f"{self.service}: the server closed the stream before it ended",
+                service=self.service,
+            )
         if isinstance(exc, StreamTerminatedError | ConnectionError | OSError):
             return UnavailableError(
                 f"{self.service}: {type(exc).__name__}: {exc}", service=self.service
@@ -238,7 +247,13 @@ class RpcChannel:
                     call._response = await trio_asyncio.aio_as_trio(method)(
                         messages(), timeout=timeout, metadata=metadata
                     )
-                except (GRPCError, TimeoutError, StreamTerminatedError, OSError) as exc:
+                except (
+                    GRPCError,
+                    TimeoutError,
+                    StreamTerminatedError,
+                    OSError,
+                    h2.exceptions.StreamClosedError,
+                ) as exc:
                     mapped = self._map(exc, holder)
                     if mapped is None:
                         raise

@@ -6,6 +6,8 @@ development (the dev stack) and tests. Not for production: their users and data 
     async with open_rpc_loop(), trio.open_nursery() as nursery:
         port = await nursery.start(serve_sandbox_identity)
         ...  # point the gateway's identity_target at f"127.0.0.1:{port}"
+        sandbox = await nursery.start(partial(serve_sandbox_backends, bus=bus))
+        ...  # BatchService and FileService on sandbox.port; the pipeline simulator runs there
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from deploy.sandbox.identity import (
     ScryptParams,
     serve_sandbox_identity,
 )
+from deploy.sandbox.serve import SandboxBackends, SandboxSettings, serve_sandbox_backends
 
 __all__ = [
     "DEFAULT_SCRYPT",
@@ -31,7 +34,10 @@ __all__ = [
     "MAX_PASSWORD_CHARS",
     "DemoUser",
     "IdentityStatistics",
+    "SandboxBackends",
     "SandboxIdentity",
+    "SandboxSettings",
     "ScryptParams",
+    "serve_sandbox_backends",
     "serve_sandbox_identity",
 ]

@@ -124,8 +124,11 @@ def test_package_exports() -> None:
         "MAX_PASSWORD_CHARS",
         "DemoUser",
         "IdentityStatistics",
+        "SandboxBackends",
         "SandboxIdentity",
+        "SandboxSettings",
         "ScryptParams",
+        "serve_sandbox_backends",
         "serve_sandbox_identity",
     }
     assert all(hasattr(deploy.sandbox, name) for name in deploy.sandbox.__all__)

@@ -22,9 +22,9 @@ from aggregator.serve import serve_aggregator
 from aggregator.settings import AggregatorSettings
 from common.bus import open_memory_bus
 from common.rpc import open_rpc_loop
-from deploy.sandbox.backends import serve_sandbox_backends
 from deploy.sandbox.identity import ScryptParams, serve_sandbox_identity
-from deploy.sandbox.simulator import SimulatorSettings
+from deploy.sandbox.pipeline import PipelineSettings
+from deploy.sandbox.serve import SandboxSettings, serve_sandbox_backends
 from gateway.backends import BackendSettings
 from gateway.serve import GatewayAddresses, serve_gateway
 from gateway.settings import GatewaySettings
@@ -56,9 +56,12 @@ async def _serve(
         sandbox = await nursery.start(
             partial(
                 serve_sandbox_backends,
-                bus,
-                state,
-                simulator=SimulatorSettings(essay_delay_s=0.001, phase_delay_s=0.001),
+                SandboxSettings(
+                    grpc_port=0,
+                    state_dir=state / "sandbox",
+                    pipeline=PipelineSettings(essay_delay_s=0.001, phase_delay_s=0.001),
+                ),
+                bus=bus,
                 shutdown_trigger=done.wait,
             )
         )

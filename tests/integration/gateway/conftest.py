@@ -19,9 +19,9 @@ from aggregator.settings import AggregatorSettings
 from common.bus import EventBus, open_memory_bus
 from common.rpc import open_rpc_loop
 from common.tls import client_context
-from deploy.sandbox.backends import SandboxBackends, serve_sandbox_backends
 from deploy.sandbox.identity import DEMO_USERS, ScryptParams, serve_sandbox_identity
-from deploy.sandbox.simulator import SimulatorSettings
+from deploy.sandbox.pipeline import PipelineSettings
+from deploy.sandbox.serve import SandboxBackends, SandboxSettings, serve_sandbox_backends
 from gateway.backends import BackendSettings
 from gateway.serve import GatewayAddresses, serve_gateway
 from gateway.settings import GatewaySettings, LimitSettings
@@ -206,9 +206,12 @@ async def stack(
                 sandbox: SandboxBackends = await inner.start(
                     partial(
                         serve_sandbox_backends,
-                        bus,
-                        tmp_path,
-                        simulator=SimulatorSettings(essay_delay_s=0.01, phase_delay_s=0.02),
+                        SandboxSettings(
+                            grpc_port=0,
+                            state_dir=tmp_path / "sandbox",
+                            pipeline=PipelineSettings(essay_delay_s=0.01, phase_delay_s=0.02),
+                        ),
+                        bus=bus,
                         shutdown_trigger=stop.wait,
                     )
                 )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -73,11 +74,16 @@ async def upload(
     )
 
 
+def incoming(stack: Stack) -> list[Path]:
+    """Partial uploads the file backend holds on disk."""
+    return sorted(stack.sandbox.files.incoming_dir.iterdir())
+
+
 async def nothing_incoming(stack: Stack) -> None:
     """The file backend holds no partial upload (it discards one as soon as it learns the
     call was aborted, which may be just after the client got its answer)."""
     with trio.fail_after(5):
-        while stack.sandbox.files.incoming():
+        while incoming(stack):
             await trio.sleep(0.01)
 
 
@@ -283,11 +289,11 @@ async def test_an_abandoned_upload_leaves_nothing(stack: Stack) -> None:
     await stream.send_all(head + body[: len(body) // 2])
     # Wait until the backend holds the partial upload, then vanish.
     with trio.fail_after(5):
-        while not stack.sandbox.files.incoming():
+        while not incoming(stack):
             await trio.sleep(0.01)
     await trio.aclose_forcefully(stream)
     with trio.fail_after(5):
-        while stack.sandbox.files.incoming():
+        while incoming(stack):
             await trio.sleep(0.01)
     async with gateway.client() as client:
         client.headers["authorization"] = token
