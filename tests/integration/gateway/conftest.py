@@ -3,7 +3,9 @@ with TLS (dev CA under the test's folder), the memory bus unless a test brings K
 
 from __future__ import annotations
 
+import contextlib
 import ssl
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -16,8 +18,9 @@ import trio
 
 from aggregator.serve import serve_aggregator
 from aggregator.settings import AggregatorSettings
-from common.bus import EventBus, open_memory_bus
+from common.bus import EventBus, open_kafka_bus, open_memory_bus
 from common.rpc import open_rpc_loop
+from common.settings import KafkaSettings
 from common.tls import client_context
 from deploy.sandbox.identity import DEMO_USERS, ScryptParams, serve_sandbox_identity
 from deploy.sandbox.pipeline import PipelineSettings
@@ -193,16 +196,38 @@ class Stack:
 
 @pytest.fixture
 async def stack(
-    nursery: trio.Nursery, start_gateway: GatewayFactory, tmp_path: Path
+    nursery: trio.Nursery,
+    start_gateway: GatewayFactory,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> AsyncIterator[Stack]:
-    """The whole read/write path over real sockets (gRPC between services, TLS at the edge)."""
+    """The whole read/write path over real sockets (gRPC between services, TLS at the edge).
+
+    Events flow on the memory bus, or on the real Kafka broker when the test asks for it
+    (``@pytest.mark.parametrize("stack", ["kafka"], indirect=True)``).
+    """
     stop = trio.Event()
     done = trio.Event()
+    kafka: KafkaSettings | None = None
+    if getattr(request, "param", "memory") == "kafka":
+        kafka = KafkaSettings(
+            bootstrap_servers=request.getfixturevalue("kafka_bootstrap"),
+            client_id=f"stack-{uuid.uuid4().hex[:8]}",
+            session_timeout_ms=6_000,
+            consume_timeout_s=0.1,
+        )
+
+    @contextlib.asynccontextmanager
+    async def the_bus() -> AsyncIterator[EventBus]:
+        if kafka is None:
+            yield start_gateway.bus  # type: ignore[attr-defined]
+        else:
+            async with open_kafka_bus(kafka) as real:
+                yield real
 
     async def run(task_status: trio.TaskStatus[tuple[EventBus, SandboxBackends, int]]) -> None:
         try:
-            bus: EventBus = start_gateway.bus  # type: ignore[attr-defined]
-            async with trio.open_nursery() as inner:
+            async with the_bus() as bus, trio.open_nursery() as inner:
                 sandbox: SandboxBackends = await inner.start(
                     partial(
                         serve_sandbox_backends,

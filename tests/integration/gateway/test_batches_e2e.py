@@ -101,8 +101,21 @@ async def wait_completed(client: httpx.AsyncClient, batch_id: str) -> dict[str, 
             await trio.sleep(0.05)
 
 
-@pytest.mark.parametrize("http2", [False, True], ids=["h1.1", "h2"])
-async def test_register_upload_run_and_read_results(stack: Stack, http2: bool) -> None:
+@pytest.mark.parametrize(
+    ("stack", "http2"),
+    [
+        ("memory", False),
+        ("memory", True),
+        pytest.param("kafka", True, marks=pytest.mark.kafka),
+    ],
+    ids=["h1.1", "h2", "h2-kafka"],
+    indirect=["stack"],
+)
+async def test_register_upload_run_and_read_results(
+    stack: Stack, http2: bool, request: pytest.FixtureRequest
+) -> None:
+    wanted = "KafkaBus" if "kafka" in request.node.callspec.id else "MemoryBus"
+    assert type(stack.bus).__name__ == wanted
     gateway = stack.gateway
     async with gateway.client(http2=http2) as client:
         await authed(gateway, client)
