@@ -10,9 +10,10 @@ from functools import partial
 import trio
 from opentelemetry.trace import TracerProvider
 
+from common.revocations import Revocations
 from common.tokens import TokenSigner, TokenVerifier, VerifierPolicy
 from gateway.app import GatewayApp, RouteSet, create_app
-from gateway.auth import Authenticator, AuthService, Publisher, Revocations
+from gateway.auth import Authenticator, AuthService, Publisher
 from gateway.batches import BatchBackends, register_batch_routes
 from gateway.edge import EdgeConfig
 from gateway.keys import SigningKeys

@@ -14,26 +14,20 @@ session's access tokens are refused everywhere within the consumer's latency.
 from __future__ import annotations
 
 import datetime as dt
-import time
 import uuid
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
-import trio
-
-from common.bus import Subscription
 from common.contracts.huleedu.events import v1 as events_v1
 from common.contracts.huleedu.identity import v1 as identity_v1
 from common.errors import AuthenticationError, BusError, SessionRevokedError
 from common.events import (
-    PoisonMessageError,
     Topic,
-    decode_envelope,
     envelope_headers,
     make_envelope,
 )
 from common.logs import get_logger
+from common.revocations import Revocations
 from common.tokens import AccessClaims, TokenSigner, TokenVerifier, UnknownKeyError
 from gateway.sessions import (
     REFRESH_TOKEN_CHARS,
@@ -48,12 +42,9 @@ __all__ = [
     "AuthService",
     "Authenticator",
     "Publisher",
-    "Revocations",
     "TokenPair",
     "WsTicket",
     "rebuild_revocations",
-    "run_revocation_consumer",
-    "trio_wall_clock",
 ]
 
 log = get_logger("gateway.auth")
@@ -72,12 +63,6 @@ _REASONS = {
 _B64URL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
-def trio_wall_clock() -> Callable[[], float]:
-    """Wall-clock seconds that advance with the Trio clock (virtual under ``MockClock``)."""
-    offset = time.time() - trio.current_time()
-    return lambda: offset + trio.current_time()
-
-
 @dataclass(frozen=True, slots=True)
 class TokenPair:
     access_token: str
@@ -91,29 +76,6 @@ class TokenPair:
 class WsTicket:
     ticket: str
     expires_in: int
-
-
-class Revocations:
-    """Revoked session ids, each until its access tokens have expired (wall-clock seconds)."""
-
-    def __init__(self, wall: Callable[[], float]) -> None:
-        self._wall = wall
-        self._until: dict[str, float] = {}
-        self._next_prune = 0.0
-
-    def add(self, sid: str, until: float) -> None:
-        self._until[sid] = max(until, self._until.get(sid, 0.0))
-
-    def __contains__(self, sid: str) -> bool:
-        now = self._wall()
-        if now >= self._next_prune:
-            self._until = {k: v for k, v in self._until.items() if v > now}
-            self._next_prune = now + 60.0
-        until = self._until.get(sid)
-        return until is not None and until > now
-
-    def __len__(self) -> int:
-        return len(self._until)
 
 
 def _valid_refresh_shape(token: str) -> bool:
@@ -278,41 +240,3 @@ async def rebuild_revocations(
     for session in sessions:
         revocations.add(session.sid, (session.revoked_at or now) + horizon_s)
     return len(sessions)
-
-
-async def run_revocation_consumer(
-    subscribe: Callable[[], AbstractAsyncContextManager[Subscription]],
-    revocations: Revocations,
-    *,
-    wall: Callable[[], float],
-    fallback_ttl_s: float,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Consume ``session.revoked`` into ``revocations`` until cancelled.
-
-    ``subscribe()`` returns the bus subscription context (the instance's own group, so every
-    instance reads every revocation).
-    """
-    async with subscribe() as sub:
-        task_status.started()
-        while True:
-            records = await sub.get_batch(max_records=500, timeout_s=0.25)
-            for record in records:
-                try:
-                    envelope = decode_envelope(
-                        record.value, expected_topics=[Topic.SESSION_REVOKED]
-                    )
-                except PoisonMessageError as exc:
-                    log.warning("unreadable session.revoked record", reason=exc.reason)
-                    continue
-                event = envelope.session_revoked
-                if event is None or not event.session_id:
-                    continue
-                until = (
-                    event.access_expires_at.timestamp()
-                    if event.access_expires_at is not None
-                    else wall() + fallback_ttl_s
-                )
-                revocations.add(event.session_id, until)
-            if records:
-                await sub.commit(records)

@@ -30,15 +30,12 @@ from common.errors import DeadlineExceededError, StorageError
 from common.events import Topic
 from common.httpserver import refuse_h2c_upgrade
 from common.logs import get_logger
+from common.revocations import run_revocation_consumer, trio_wall_clock
 from common.rpc import RpcChannel, open_channel, open_rpc_loop
 from common.tls import TlsSettings, configure_hypercorn, ensure_dev_certificates
 from common.tracing import inject_kafka_headers
 from gateway.assemble import assemble
-from gateway.auth import (
-    rebuild_revocations,
-    run_revocation_consumer,
-    trio_wall_clock,
-)
+from gateway.auth import rebuild_revocations
 from gateway.backends import Backend, BackendSettings
 from gateway.batches import BatchBackends
 from gateway.keys import load_signing_keys

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from common.contracts.huleedu.identity import v1 as identity_v1
+from common.revocations import trio_wall_clock
 from deploy.sandbox.identity import DEMO_USERS, SandboxIdentity, ScryptParams
 from gateway.assemble import Assembled, assemble
-from gateway.auth import trio_wall_clock
 from gateway.keys import load_signing_keys
 from gateway.sessions import open_sqlite_session_store
 from gateway.settings import GatewaySettings

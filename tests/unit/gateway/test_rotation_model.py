@@ -19,9 +19,10 @@ from hypothesis import strategies as st
 
 from common.contracts.huleedu.identity import v1 as identity_v1
 from common.errors import AuthenticationError
+from common.revocations import Revocations
 from common.tokens import KeySet, TokenSigner, TokenVerifier, VerifierPolicy
 from deploy.sandbox.identity import DEMO_USERS, SandboxIdentity, ScryptParams
-from gateway.auth import AuthService, Revocations
+from gateway.auth import AuthService
 from gateway.sessions import SqliteSessionStore, open_sqlite_session_store
 
 ACCESS_TTL = 900
