@@ -103,6 +103,7 @@ class WsCloseCode(enum.IntEnum):
     FORBIDDEN = 4004
     TOO_MANY_CONNECTIONS = 4008
     SLOW_CONSUMER = 4009
+    PONG_TIMEOUT = 4010
     RATE_LIMITED = 4029
 
 

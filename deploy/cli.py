@@ -40,6 +40,12 @@ def _gateway(_args: argparse.Namespace) -> int:
     return gateway_main()
 
 
+def _wsmanager(_args: argparse.Namespace) -> int:
+    from wsmanager.__main__ import main as wsmanager_main
+
+    return wsmanager_main()
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="huleedu", description="HuleEdu interface tier")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -49,6 +55,8 @@ def _build_parser() -> argparse.ArgumentParser:
     agg.set_defaults(func=_aggregator)
     gw = sub.add_parser("gateway", help="run the HTTPS API gateway (HULEEDU_GATEWAY_*)")
     gw.set_defaults(func=_gateway)
+    ws = sub.add_parser("wsmanager", help="run the WSS WebSocket manager (HULEEDU_WSMANAGER_*)")
+    ws.set_defaults(func=_wsmanager)
     return parser
 
 

@@ -25,3 +25,12 @@ def test_gateway_reports_a_bad_setting_by_its_variable(
     assert main(["gateway"]) == 2
     err = capsys.readouterr().err
     assert "HULEEDU_GATEWAY_ACCESS_TTL_S" in err
+
+
+def test_wsmanager_reports_a_bad_setting_by_its_variable(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HULEEDU_WSMANAGER_ALLOWED_ORIGINS", '["ftp://evil"]')
+    assert main(["wsmanager"]) == 2
+    err = capsys.readouterr().err
+    assert "HULEEDU_WSMANAGER_ALLOWED_ORIGINS" in err

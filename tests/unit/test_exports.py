@@ -14,8 +14,9 @@ import aggregator
 import common
 import deploy
 import gateway
+import wsmanager
 
-PACKAGES = [common, gateway, aggregator, deploy]
+PACKAGES = [common, gateway, aggregator, deploy, wsmanager]
 
 
 def _public_modules() -> list[str]:

@@ -1,0 +1,390 @@
+"""The WSS endpoint ``/v1/ws``: a raw ASGI app (the lean path; no framework per frame).
+
+Per socket, in order (see ``PROTOCOL.md``):
+
+1. the ``Origin`` is checked against the allow-list **before** the upgrade (a refusal is the
+   server's HTTP 403); a bad ``since`` is refused the same way;
+2. authentication: a one-time ``?ticket=`` (verified as ``typ=ws_ticket`` and redeemed once
+   on this instance) or a first frame ``{"type":"auth"}`` within ``auth_timeout_s``; tokens
+   are verified against the gateway's JWKS (an unknown ``kid`` refreshes it, rate-limited);
+3. the hub registers the connection under the token's user (caps: per user, global); with
+   ``since`` the gap is queued first; ``welcome`` says what was recovered;
+4. then, concurrently: the writer sends the connection's queue; the reader handles
+   ``ping``/``subscribe``/``unsubscribe``/``refresh`` under a per-connection rate limit; a
+   heartbeat sends ``ping`` frames and closes a peer that answers nothing; the token's expiry
+   closes it (4002) unless a ``refresh`` came; a revoked session (4003), a full queue (4009)
+   or the service going away (1001) close it with their codes.
+
+Every close carries a code from the documented table; nothing a client sends can crash the
+handler (a protocol error is a close code).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs
+
+import trio
+
+from common.errors import AuthenticationError, TokenExpiredError, WsCloseCode
+from common.logs import get_logger
+from common.ratelimit import GcraLimiter, RatePolicy
+from common.tokens import AccessClaims, TokenVerifier, UnknownKeyError
+from wsmanager import protocol
+from wsmanager.hub import Connection, Hub, Refused
+from wsmanager.settings import WsManagerSettings
+
+__all__ = ["TicketLedger", "WsApp", "WsStatistics"]
+
+log = get_logger("wsmanager.app")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+PATH = "/v1/ws"
+#: Seconds a close frame may take to go out to a stalled peer.
+CLOSE_SEND_S = 1.0
+
+
+class TicketLedger:
+    """Tickets redeemed on this instance, each remembered until it expires (single use)."""
+
+    def __init__(self) -> None:
+        self._until: dict[str, float] = {}
+
+    def redeem(self, jti: str, exp: float, now: float) -> bool:
+        if len(self._until) > 1024:
+            self._until = {k: v for k, v in self._until.items() if v > now}
+        if jti in self._until:
+            return False
+        self._until[jti] = exp
+        return True
+
+
+@dataclass
+class WsStatistics:
+    handshakes: int = 0
+    refused_origin: int = 0
+    auth_failures: int = 0
+    closed: dict[int, int] = field(default_factory=dict)
+
+    def count_close(self, code: int) -> None:
+        self.closed[code] = self.closed.get(code, 0) + 1
+
+
+class _Closed(Exception):
+    """The peer went away (its disconnect was received)."""
+
+
+class WsApp:
+    def __init__(
+        self,
+        settings: WsManagerSettings,
+        hub: Hub,
+        *,
+        verifier: TokenVerifier,
+        ticket_verifier: TokenVerifier,
+        refresh_keys: Callable[[str], Awaitable[bool]],
+        wall: Callable[[], float],
+        going_away: trio.Event,
+        ready: Callable[[], bool],
+    ) -> None:
+        self.settings = settings
+        self.hub = hub
+        self.verifier = verifier
+        self.ticket_verifier = ticket_verifier
+        self.refresh_keys = refresh_keys
+        self.wall = wall
+        self.going_away = going_away
+        self.ready = ready
+        self.tickets = TicketLedger()
+        self.stats = WsStatistics()
+        self._origins = frozenset(settings.allowed_origins)
+        self._inbound = RatePolicy(
+            "ws-inbound",
+            limit=max(1, round(settings.inbound_rate_per_s * 60)),
+            period_s=60.0,
+            burst=settings.inbound_burst,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope.get("type")
+        if kind == "websocket":
+            await self._socket(scope, receive, send)
+        elif kind == "http":
+            await _plain(send, 404, b"only the WebSocket endpoint /v1/ws is served here\n")
+        elif kind == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+
+    # -- handshake -----------------------------------------------------------------------------
+
+    def _origin_ok(self, scope: Scope) -> bool:
+        origins = [v for k, v in scope.get("headers", ()) if k.lower() == b"origin"]
+        if not origins:
+            return self.settings.allow_missing_origin
+        return len(origins) == 1 and origins[0].decode("latin-1") in self._origins
+
+    async def _socket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.stats.handshakes += 1
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        connect = await receive()
+        if connect.get("type") != "websocket.connect":
+            return
+        if scope.get("path") != PATH or not self._origin_ok(scope):
+            self.stats.refused_origin += scope.get("path") == PATH
+            await send({"type": "websocket.close", "code": 1008})  # before accept: HTTP 403
+            return
+        try:
+            since = protocol.parse_since(query["since"][0]) if "since" in query else None
+            ticket = query.get("ticket", [None])[0]
+        except protocol.ProtocolError:
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await send({"type": "websocket.accept"})
+        socket = _Socket(self, receive, send)
+        try:
+            await socket.run(ticket, since)
+        except _Closed:
+            pass
+        finally:
+            if socket.connection is not None:
+                self.hub.unregister(socket.connection)
+            self.stats.count_close(socket.close_code)
+
+    async def verify(self, token: str, *, ticket: bool) -> AccessClaims:
+        verifier = self.ticket_verifier if ticket else self.verifier
+        try:
+            return verifier.verify(token, self.wall())
+        except UnknownKeyError:
+            if not await self.refresh_keys(_kid_of(token)):
+                raise
+            return verifier.verify(token, self.wall())
+
+
+def _kid_of(token: str) -> str:
+    import base64
+    import json
+
+    try:
+        head = token.split(".", 1)[0]
+        header = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
+        kid = header.get("kid", "")
+        return kid if isinstance(kid, str) else ""
+    except (ValueError, UnicodeDecodeError):
+        return ""
+
+
+async def _plain(send: Send, status: int, body: bytes) -> None:
+    headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class _Socket:
+    """One accepted socket's life."""
+
+    def __init__(self, app: WsApp, receive: Receive, send: Send) -> None:
+        self.app = app
+        self._receive = receive
+        self._send = send
+        self._send_lock = trio.Lock()
+        self.connection: Connection | None = None
+        self.close_code: int = int(WsCloseCode.NORMAL)
+        self.expires_at = 0.0
+        self.heard = trio.Event()
+        self._pinged_nonce: str | None = None
+
+    async def send_text(self, text: str) -> None:
+        async with self._send_lock:
+            await self._send({"type": "websocket.send", "text": text})
+
+    async def close(self, code: WsCloseCode, reason: str) -> None:
+        self.close_code = int(code)
+        with trio.move_on_after(CLOSE_SEND_S), trio.CancelScope(shield=True):
+            async with self._send_lock:
+                await self._send(
+                    {"type": "websocket.close", "code": int(code), "reason": reason[:120]}
+                )
+
+    async def next_text(self) -> str:
+        message = await self._receive()
+        kind = message.get("type")
+        if kind == "websocket.disconnect":
+            self.close_code = int(message.get("code", 1005))
+            raise _Closed
+        if kind != "websocket.receive":
+            raise _Closed
+        text = message.get("text")
+        if text is None:
+            raise protocol.binary_frame_error()
+        assert isinstance(text, str)
+        return text
+
+    async def run(self, ticket: str | None, since: protocol.ResumePoint | None) -> None:
+        settings = self.app.settings
+        try:
+            claims = await self._authenticate(ticket)
+        except protocol.ProtocolError as exc:
+            self.app.stats.auth_failures += 1
+            await self.close(exc.code, exc.reason)
+            return
+        if not self.app.ready():
+            await self.close(WsCloseCode.TRY_AGAIN_LATER, "catching up; retry shortly")
+            return
+        connection = Connection(
+            claims.sub, claims.sid, queue_frames=settings.send_queue_frames, filter=None
+        )
+        connection.filter = protocol.EVERYTHING
+        try:
+            self.app.hub.register(connection)
+        except Refused as refused:
+            await self.close(refused.code, refused.reason)
+            return
+        self.connection = connection
+        resume = (
+            self.app.hub.resume(connection, since.epoch, since.offset)
+            if since is not None
+            else None
+        )
+        self.expires_at = float(claims.exp)
+        await self.send_text(
+            protocol.welcome(
+                connection_id=connection.id,
+                user_id=claims.sub,
+                expires_at=float(claims.exp),
+                resume=resume,
+            )
+        )
+        async with trio.open_nursery() as nursery:
+
+            async def watch(coroutine: Awaitable[None]) -> None:
+                await coroutine
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch, self._writer(connection))
+            nursery.start_soon(watch, self._reader(connection, claims))
+            nursery.start_soon(watch, self._expiry(connection))
+            nursery.start_soon(watch, self._heartbeat(connection))
+            nursery.start_soon(watch, self._going_away(connection))
+            nursery.start_soon(watch, connection.closing.wait())
+        if connection.close_code is not None:
+            await self.close(connection.close_code, connection.close_reason)
+
+    async def _authenticate(self, ticket: str | None) -> AccessClaims:
+        app = self.app
+        try:
+            if ticket is not None:
+                claims = await app.verify(ticket, ticket=True)
+                if not app.tickets.redeem(claims.jti, float(claims.exp), app.wall()):
+                    raise AuthenticationError("ticket already used")
+                return claims
+            with trio.fail_after(app.settings.auth_timeout_s):
+                text = await self.next_text()
+            frame = protocol.require_auth(
+                protocol.parse_client_frame(text, max_bytes=app.settings.max_frame_bytes)
+            )
+            return await app.verify(frame.token, ticket=False)
+        except trio.TooSlowError:
+            raise protocol.ProtocolError(
+                WsCloseCode.AUTH_FAILED, "no auth frame within the deadline"
+            ) from None
+        except TokenExpiredError:
+            raise protocol.ProtocolError(WsCloseCode.AUTH_FAILED, "token expired") from None
+        except AuthenticationError as exc:
+            log.info("websocket authentication failed", reason=exc.message)
+            raise protocol.ProtocolError(WsCloseCode.AUTH_FAILED, "authentication failed") from None
+
+    async def _writer(self, connection: Connection) -> None:
+        while connection.backlog:
+            await self.send_text(connection.backlog.popleft())
+        async for frame in connection.receive:
+            await self.send_text(frame)
+
+    async def _reader(self, connection: Connection, claims: AccessClaims) -> None:
+        app = self.app
+        limiter = GcraLimiter(app._inbound, max_keys=1)
+        while True:
+            try:
+                text = await self.next_text()
+            except protocol.ProtocolError as exc:
+                connection.close(exc.code, exc.reason)
+                return
+            self.heard.set()
+            if not limiter.check("c", trio.current_time()).allowed:
+                connection.close(WsCloseCode.RATE_LIMITED, "too many frames")
+                return
+            try:
+                frame = protocol.parse_client_frame(text, max_bytes=app.settings.max_frame_bytes)
+            except protocol.ProtocolError as exc:
+                connection.close(exc.code, exc.reason)
+                return
+            if isinstance(frame, protocol.Ping):
+                await self.send_text(protocol.pong(frame.nonce))
+            elif isinstance(frame, protocol.Subscribe | protocol.Unsubscribe):
+                current = connection.filter
+                assert isinstance(current, protocol.Filter)
+                try:
+                    connection.filter = current.apply(frame)
+                except protocol.ProtocolError as exc:
+                    connection.close(exc.code, exc.reason)
+                    return
+                await self.send_text(protocol.subscribed(connection.filter))
+            elif isinstance(frame, protocol.Refresh):
+                await self._refresh(connection, claims, frame.token)
+            elif isinstance(frame, protocol.Pong):
+                pass  # liveness is any frame (``heard``)
+            else:  # a second auth
+                await self.send_text(
+                    protocol.error(
+                        protocol.ErrorCode.ALREADY_AUTHENTICATED, "already authenticated"
+                    )
+                )
+
+    async def _refresh(self, connection: Connection, claims: AccessClaims, token: str) -> None:
+        try:
+            fresh = await self.app.verify(token, ticket=False)
+        except AuthenticationError as exc:
+            await self.send_text(protocol.error(protocol.ErrorCode.INVALID_TOKEN, exc.detail))
+            return
+        if fresh.sub != claims.sub:
+            await self.send_text(
+                protocol.error(protocol.ErrorCode.USER_MISMATCH, "token of another user")
+            )
+            return
+        connection.session_id = fresh.sid
+        self.expires_at = max(self.expires_at, float(fresh.exp))
+        await self.send_text(protocol.refreshed(self.expires_at))
+
+    async def _expiry(self, connection: Connection) -> None:
+        while True:
+            left = self.expires_at - self.app.wall()
+            if left <= 0:
+                connection.close(WsCloseCode.TOKEN_EXPIRED, "token expired; refresh in time")
+                return
+            await trio.sleep(left)
+
+    async def _heartbeat(self, connection: Connection) -> None:
+        settings = self.app.settings
+        while True:
+            await trio.sleep(settings.ping_interval_s)
+            self.heard = trio.Event()
+            await self.send_text(protocol.server_ping(secrets.token_hex(4)))
+            with trio.move_on_after(settings.pong_timeout_s) as waiting:
+                await self.heard.wait()
+            if waiting.cancelled_caught:
+                connection.close(WsCloseCode.PONG_TIMEOUT, "no answer to ping")
+                return
+
+    async def _going_away(self, connection: Connection) -> None:
+        await self.app.going_away.wait()
+        connection.close(WsCloseCode.GOING_AWAY, "server shutting down")
