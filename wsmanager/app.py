@@ -268,7 +268,10 @@ class _Socket:
         async with trio.open_nursery() as nursery:
 
             async def watch(coroutine: Awaitable[None]) -> None:
-                await coroutine
+                try:
+                    await coroutine
+                except _Closed:
+                    pass  # the peer went away: everything else stops too
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch, self._writer(connection))

@@ -302,7 +302,9 @@ class _MemorySubscription:
                 batch = self._take(max_records)
                 if batch:
                     self._bus._consumed += len(batch)
-                    await trio.lowlevel.checkpoint()
+                    # The positions have moved past ``batch``: a cancellation here (the
+                    # timeout firing) must not drop it, so this yield cannot be cancelled.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                     return batch
                 await changed.wait()
         return []

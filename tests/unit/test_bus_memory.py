@@ -65,6 +65,23 @@ async def test_get_batch_waits_for_the_first_record_and_times_out_empty(
         assert trio.current_time() - start == pytest.approx(3.5)
 
 
+async def test_a_timeout_firing_as_records_are_taken_never_drops_them() -> None:
+    # Regression: the timeout could cancel get_batch after it had taken the records (and
+    # moved the positions past them), so they were lost to the consumer for good.
+    async with open_memory_bus() as bus, bus.subscribe(["t"], "g") as sub:
+        await sub.get_batch(timeout_s=0.01)  # joined and assigned
+        values = [str(i).encode() for i in range(200)]
+        for value in values:
+            await bus.publish("t", value, key=b"k")
+        got: list[bytes] = []
+        for _ in range(10_000):
+            if len(got) == len(values):
+                break
+            # A zero timeout: the deadline has passed by the first yield, every time.
+            got += [r.value for r in await sub.get_batch(max_records=7, timeout_s=0)]
+        assert got == values
+
+
 async def test_a_partition_is_never_held_by_two_members(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
