@@ -151,7 +151,12 @@ async def start_wsmanager(
     """``await start_wsmanager(gateway=None, bus=None, **settings)`` -> a running :class:`Ws`."""
     running: list[Ws] = []
 
-    async def start(gateway: Gateway | None = None, bus: EventBus | None = None, **over: Any) -> Ws:
+    async def start(
+        gateway: Gateway | None = None,
+        bus: EventBus | None = None,
+        wall: Callable[[], float] | None = None,
+        **over: Any,
+    ) -> Ws:
         gw = gateway or await start_gateway()
         assert gw.addresses.ca_file is not None
         values: dict[str, Any] = {
@@ -172,7 +177,7 @@ async def start_wsmanager(
         async def run(task_status: trio.TaskStatus[WsManagerAddresses]) -> None:
             try:
                 await serve_wsmanager(
-                    settings, shutdown=shutdown, bus=the_bus, task_status=task_status
+                    settings, shutdown=shutdown, bus=the_bus, wall=wall, task_status=task_status
                 )
             finally:
                 stopped.set()
