@@ -21,6 +21,7 @@ handler (a protocol error is a close code).
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
@@ -268,10 +269,8 @@ class _Socket:
         async with trio.open_nursery() as nursery:
 
             async def watch(coroutine: Awaitable[None]) -> None:
-                try:
+                with contextlib.suppress(_Closed):  # the peer left: everything else stops
                     await coroutine
-                except _Closed:
-                    pass  # the peer went away: everything else stops too
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch, self._writer(connection))
