@@ -155,6 +155,7 @@ async def start_wsmanager(
         gateway: Gateway | None = None,
         bus: EventBus | None = None,
         wall: Callable[[], float] | None = None,
+        own_bus: bool = False,
         **over: Any,
     ) -> Ws:
         gw = gateway or await start_gateway()
@@ -172,7 +173,7 @@ async def start_wsmanager(
         }
         settings = WsManagerSettings(**values)
         shutdown, stopped = trio.Event(), trio.Event()
-        the_bus = bus or gw.bus
+        the_bus = None if own_bus else bus or gw.bus  # own_bus: the one its settings name
 
         async def run(task_status: trio.TaskStatus[WsManagerAddresses]) -> None:
             try:
@@ -183,7 +184,7 @@ async def start_wsmanager(
                 stopped.set()
 
         addresses = await nursery.start(run)
-        ws = Ws(addresses, settings, gw, the_bus, shutdown, stopped)
+        ws = Ws(addresses, settings, gw, the_bus or gw.bus, shutdown, stopped)
         await wait_ready(ws)
         running.append(ws)
         return ws
