@@ -9,14 +9,9 @@ from __future__ import annotations
 import sys
 from functools import partial
 
-import trio
-
 from aggregator.serve import serve_aggregator
 from aggregator.settings import AggregatorSettings
-from common.errors import ConfigurationError
-from common.logs import configure_logging, get_logger
-from common.service import run_service
-from common.settings import load_settings, redacted
+from common.service import run_service, service_main
 
 
 async def _run(settings: AggregatorSettings) -> None:
@@ -28,15 +23,7 @@ async def _run(settings: AggregatorSettings) -> None:
 
 
 def main() -> int:
-    try:
-        settings = load_settings(AggregatorSettings)
-    except ConfigurationError as exc:
-        print(f"aggregator: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(service="aggregator", level=settings.log_level, json=settings.log_json)
-    get_logger("aggregator").info("config", settings=redacted(settings))
-    trio.run(_run, settings)
-    return 0
+    return service_main("aggregator", AggregatorSettings, _run)
 
 
 if __name__ == "__main__":

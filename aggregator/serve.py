@@ -9,15 +9,12 @@ unsent outbox rows are sent after restart).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-import hypercorn.trio
 import trio
-from hypercorn.config import Config
 
 from aggregator.consumer import ConsumerStatistics, run_consumer
 from aggregator.ops import OpsState, create_ops_app
@@ -25,7 +22,8 @@ from aggregator.outbox import run_outbox_relay
 from aggregator.queries import ResultQueries
 from aggregator.settings import AggregatorSettings
 from aggregator.store import open_sqlite_store
-from common.bus import EventBus, open_kafka_bus, open_memory_bus
+from common.bus import EventBus, open_service_bus
+from common.httpserver import listener_config, serve_listener
 from common.rpc import open_rpc_loop, serve_grpc
 from common.ttlcache import TtlCache
 
@@ -39,18 +37,6 @@ SAMPLE_S = 1.0
 class AggregatorAddresses:
     grpc_port: int
     ops_url: str
-
-
-@contextlib.asynccontextmanager
-async def _bus(settings: AggregatorSettings, bus: EventBus | None) -> AsyncIterator[EventBus]:
-    if bus is not None:
-        yield bus
-    elif settings.kafka.bootstrap_servers:
-        async with open_kafka_bus(settings.kafka) as kafka:
-            yield kafka
-    else:
-        async with open_memory_bus() as memory:
-            yield memory
 
 
 async def serve_aggregator(
@@ -72,7 +58,7 @@ async def serve_aggregator(
     def invalidate(changed: Mapping[str, str]) -> None:
         trio.from_thread.run_sync(queries.invalidate, changed)
 
-    async with open_rpc_loop(), _bus(settings, bus) as the_bus:
+    async with open_rpc_loop(), open_service_bus(settings.kafka, bus) as the_bus:
         ops = OpsState(
             consumer=stats,
             cache=cache.statistics,
@@ -101,19 +87,17 @@ async def serve_aggregator(
                         grace_s=settings.shutdown_grace_s,
                     )
                 )
-                config = Config()
-                config.bind = [f"{settings.ops_host}:{settings.ops_port}"]
-                config.accesslog = None
-                config.graceful_timeout = settings.shutdown_grace_s
-                binds = await servers.start(
+                ops_url: str = await servers.start(
                     partial(
-                        hypercorn.trio.serve,
+                        serve_listener,
                         create_ops_app(ops),
-                        config,
+                        listener_config(
+                            settings.ops_host, settings.ops_port, grace_s=settings.shutdown_grace_s
+                        ),
                         shutdown_trigger=stop_servers.wait,
                     )
                 )
-                task_status.started(AggregatorAddresses(grpc_port, binds[0]))
+                task_status.started(AggregatorAddresses(grpc_port, ops_url))
                 await shutdown.wait()
                 ops.draining = True
                 stop_servers.set()

@@ -10,11 +10,18 @@ with a 400 problem document. (A ``PRI *`` prior-knowledge preface is left alone.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
+import hypercorn.trio
+import trio
+from hypercorn.config import Config
 from hypercorn.protocol import h11 as hypercorn_h11
 
-__all__ = ["refuse_h2c_upgrade"]
+from common.tls import configure_hypercorn
+
+__all__ = ["listener_config", "refuse_h2c_upgrade", "serve_listener"]
 
 _MARK = "_huleedu_refuses_h2c"
 
@@ -34,3 +41,31 @@ def refuse_h2c_upgrade() -> None:
 
     setattr(check_protocol, _MARK, True)
     protocol._check_protocol = check_protocol
+
+
+def listener_config(host: str, port: int, *, grace_s: float, tls: Any = None) -> Config:
+    """A Hypercorn ``Config`` for one listener: no access log (our edge logs), the drain
+    grace period, and TLS from ``tls`` (:class:`common.tls.TlsSettings`) when given."""
+    config = Config()
+    config.bind = [f"{host}:{port}"]
+    config.accesslog = None
+    config.graceful_timeout = grace_s
+    if tls is not None:
+        configure_hypercorn(tls, config)
+    return config
+
+
+async def serve_listener(
+    app: Any,
+    config: Config,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[None]],
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` on ``config``'s bind until ``shutdown_trigger`` returns (then drain);
+    reports the bound URL (port 0 resolved) through ``task_status``."""
+    async with trio.open_nursery() as nursery:
+        binds: list[str] = await nursery.start(
+            partial(hypercorn.trio.serve, app, config, shutdown_trigger=shutdown_trigger)
+        )
+        task_status.started(binds[0])

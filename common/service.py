@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import trio
 
-from common.logs import get_logger
+from common.errors import ConfigurationError, UnavailableError
+from common.logs import configure_logging, get_logger
+from common.settings import ServiceSettings, load_settings, redacted
 
-__all__ = ["Serve", "run_service"]
+__all__ = ["Serve", "run_service", "service_main"]
+
+S = TypeVar("S", bound=ServiceSettings)
 
 
 class Serve(Protocol):
@@ -49,3 +54,24 @@ async def run_service(name: str, serve: Serve, describe: Callable[[Any], dict[st
         started = await nursery.start(serving)
         print(json.dumps({"ready": True, **describe(started)}), flush=True)
         log.info("ready", **describe(started))
+
+
+def service_main(name: str, settings_type: type[S], run: Callable[[S], Awaitable[None]]) -> int:
+    """``python -m <service>``: settings from the environment, logging, ``trio.run(run)``.
+
+    A bad setting, or a dependency the service cannot start without, is one line on stderr
+    naming it and exit code 2 (no traceback); a clean shutdown is 0.
+    """
+    try:
+        settings = load_settings(settings_type)
+    except ConfigurationError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(service=name, level=settings.log_level, json=settings.log_json)
+    get_logger(name).info("config", settings=redacted(settings))
+    try:
+        trio.run(run, settings)
+    except (ConfigurationError, UnavailableError) as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.errors import ConfigurationError
 
-__all__ = ["KafkaSettings", "ServiceSettings", "load_settings", "redacted"]
+__all__ = ["KafkaSettings", "ServiceSettings", "check_origins", "load_settings", "redacted"]
 
 S = TypeVar("S", bound=BaseSettings)
 
@@ -96,3 +96,12 @@ def redacted(settings: pydantic.BaseModel) -> dict[str, Any]:
 
     result: dict[str, Any] = walk(settings)
     return result
+
+
+def check_origins(value: tuple[str, ...]) -> tuple[str, ...]:
+    """Validate browser origins (exact ``scheme://host[:port]``, http or https, no path)."""
+    for origin in value:
+        scheme, sep, rest = origin.partition("://")
+        if scheme not in ("https", "http") or not sep or not rest or "/" in rest:
+            raise ValueError(f"not an origin (scheme://host[:port]): {origin!r}")
+    return value

@@ -9,12 +9,7 @@ from __future__ import annotations
 import sys
 from functools import partial
 
-import trio
-
-from common.errors import ConfigurationError
-from common.logs import configure_logging, get_logger
-from common.service import run_service
-from common.settings import load_settings, redacted
+from common.service import run_service, service_main
 from common.tracing import setup_tracing
 from gateway.serve import serve_gateway
 from gateway.settings import GatewaySettings
@@ -36,19 +31,7 @@ async def _run(settings: GatewaySettings) -> None:
 
 
 def main() -> int:
-    try:
-        settings = load_settings(GatewaySettings)
-    except ConfigurationError as exc:
-        print(f"gateway: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(service="gateway", level=settings.log_level, json=settings.log_json)
-    get_logger("gateway").info("config", settings=redacted(settings))
-    try:
-        trio.run(_run, settings)
-    except ConfigurationError as exc:
-        print(f"gateway: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return service_main("gateway", GatewaySettings, _run)
 
 
 if __name__ == "__main__":

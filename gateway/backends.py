@@ -179,56 +179,44 @@ class Backend:
     async def stream(self, open_call: Callable[[], Any]) -> AsyncIterator[StreamCall[Any, Any]]:
         """A client-streaming call through the breaker (never retried): ``open_call()`` must
         return the channel's ``stream_unary(...)`` context manager."""
-        permit = self.breaker.before_call(self._clock.now())
-        deadline = trio.current_effective_deadline()
-        try:
+        with self._admitted():
             async with open_call() as call:
                 yield call
-        except trio.Cancelled:
-            self._cancelled(permit, deadline)
-            raise
-        except Exception as exc:
-            self._outcome(permit, exc)
-            raise
-        except BaseException:
-            self.breaker.release(permit)
-            raise
-        self.breaker.record_success(self._clock.now(), permit)
 
     async def _guarded(self, attempt: Callable[[], Awaitable[Resp]]) -> Resp:
         try:
-            permit = self.breaker.before_call(self._clock.now())
+            with self._admitted():
+                return await attempt()
         except CircuitOpenError:
             await trio.lowlevel.checkpoint()  # a refusal is still a checkpoint
             raise
+
+    @contextmanager
+    def _admitted(self) -> Iterator[None]:
+        """Take a breaker permit (raises :class:`CircuitOpenError` when refused) and record
+        how the block ended: a dependency failure, a success (client-class answers too), a
+        cut by the caller's deadline (a failure: too slow), or another cancellation or
+        interruption (says nothing about the backend: the permit is just released)."""
+        permit = self.breaker.before_call(self._clock.now())
         deadline = trio.current_effective_deadline()
         try:
-            result = await attempt()
+            yield
         except trio.Cancelled:
-            self._cancelled(permit, deadline)
+            if not math.isinf(deadline) and trio.current_time() >= deadline:
+                self.breaker.record_failure(self._clock.now(), permit)
+            else:
+                self.breaker.release(permit)
             raise
         except Exception as exc:
-            self._outcome(permit, exc)
+            if _counts_as_failure(exc):
+                self.breaker.record_failure(self._clock.now(), permit)
+            else:
+                self.breaker.record_success(self._clock.now(), permit)
             raise
         except BaseException:
             self.breaker.release(permit)
             raise
         self.breaker.record_success(self._clock.now(), permit)
-        return result
-
-    def _outcome(self, permit: Any, exc: Exception) -> None:
-        if _counts_as_failure(exc):
-            self.breaker.record_failure(self._clock.now(), permit)
-        else:
-            self.breaker.record_success(self._clock.now(), permit)
-
-    def _cancelled(self, permit: Any, deadline: float) -> None:
-        # Cut by the route's deadline: the backend was too slow, which is a failure. Cancelled
-        # for any other reason (the client left, a sibling failed): says nothing about it.
-        if not math.isinf(deadline) and trio.current_time() >= deadline:
-            self.breaker.record_failure(self._clock.now(), permit)
-        else:
-            self.breaker.release(permit)
 
 
 @contextmanager

@@ -9,17 +9,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
 )
 from prometheus_client.registry import Collector
-from quart import Response
 from quart_trio import QuartTrio
 
 from common.breaker import BreakerState
+from common.opsapp import create_ops_app as create_common_ops_app
 from common.ratelimit import GcraLimiter
 from gateway.backends import Backend
 from gateway.edge import EdgeStatistics
@@ -129,21 +128,4 @@ class _Collector(Collector):
 
 
 def create_ops_app(state: OpsState) -> QuartTrio:
-    app = QuartTrio("gateway-ops")
-    registry = CollectorRegistry(auto_describe=True)
-    registry.register(_Collector(state))
-
-    @app.route("/livez")
-    async def livez() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.route("/readyz")
-    async def readyz() -> tuple[dict[str, object], int]:
-        ready, checks = state.ready()
-        return {"ready": ready, "checks": checks}, 200 if ready else 503
-
-    @app.route("/metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(registry), content_type="text/plain; version=0.0.4")
-
-    return app
+    return create_common_ops_app("gateway", state.ready, _Collector(state))

@@ -16,23 +16,21 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-import hypercorn.trio
 import trio
-from hypercorn.config import Config
 from opentelemetry.trace import TracerProvider
 
-from common.bus import EventBus, Headers, Subscription, open_kafka_bus, open_memory_bus
+from common.bus import EventBus, Headers, Subscription, open_service_bus
 from common.contracts.huleedu.batches import v1 as batches_v1
 from common.contracts.huleedu.files import v1 as files_v1
 from common.contracts.huleedu.identity import v1 as identity_v1
 from common.contracts.huleedu.results import v1 as results_v1
 from common.errors import DeadlineExceededError, StorageError
 from common.events import Topic
-from common.httpserver import refuse_h2c_upgrade
+from common.httpserver import listener_config, refuse_h2c_upgrade, serve_listener
 from common.logs import get_logger
 from common.revocations import run_revocation_consumer, trio_wall_clock
 from common.rpc import RpcChannel, open_channel, open_rpc_loop
-from common.tls import TlsSettings, configure_hypercorn, ensure_dev_certificates
+from common.tls import TlsSettings, ensure_dev_certificates
 from common.tracing import inject_kafka_headers
 from gateway.assemble import assemble
 from gateway.auth import rebuild_revocations
@@ -58,18 +56,6 @@ class GatewayAddresses:
     #: The CA that signed the server certificate when dev certificates are in use.
     ca_file: str | None
     instance_id: str
-
-
-@contextlib.asynccontextmanager
-async def _bus(settings: GatewaySettings, bus: EventBus | None) -> AsyncIterator[EventBus]:
-    if bus is not None:
-        yield bus
-    elif settings.kafka.bootstrap_servers:
-        async with open_kafka_bus(settings.kafka) as kafka:
-            yield kafka
-    else:
-        async with open_memory_bus() as memory:
-            yield memory
 
 
 def _identity_client(channel: RpcChannel, timeout_s: float):  # type: ignore[no-untyped-def]
@@ -151,7 +137,7 @@ async def serve_gateway(
     try:
         async with (
             open_rpc_loop(),
-            _bus(settings, bus) as the_bus,
+            open_service_bus(settings.kafka, bus) as the_bus,
             open_channel(
                 settings.identity_target,
                 service="identity",
@@ -216,11 +202,8 @@ async def serve_gateway(
 
                 workers.start_soon(purge)
                 async with trio.open_nursery() as servers:
-                    config = Config()
-                    config.bind = [f"{settings.host}:{settings.port}"]
-                    configure_hypercorn(tls, config)
-                    config.accesslog = None
-                    config.graceful_timeout = settings.shutdown_grace_s
+                    grace = settings.shutdown_grace_s
+                    config = listener_config(settings.host, settings.port, grace_s=grace, tls=tls)
                     config.keep_alive_timeout = settings.keep_alive_timeout_s
                     # The transport's ceiling for a request head, the same for HTTP/1.1 and
                     # HTTP/2 (h2's header-list limit); the edge enforces max_header_bytes
@@ -230,28 +213,24 @@ async def serve_gateway(
                     config.h2_max_header_list_size = TRANSPORT_HEADER_LIMIT
                     config.h2_max_concurrent_streams = 100
                     config.include_server_header = False
-                    binds = await servers.start(
+                    ops_config = listener_config(
+                        settings.ops_host, settings.ops_port, grace_s=grace
+                    )
+                    url: str = await servers.start(
                         partial(
-                            hypercorn.trio.serve,
-                            gateway.app,
-                            config,
-                            shutdown_trigger=stop_servers.wait,
+                            serve_listener, gateway.app, config, shutdown_trigger=stop_servers.wait
                         )
                     )
-                    ops_config = Config()
-                    ops_config.bind = [f"{settings.ops_host}:{settings.ops_port}"]
-                    ops_config.accesslog = None
-                    ops_config.graceful_timeout = settings.shutdown_grace_s
-                    ops_binds = await servers.start(
+                    ops_url: str = await servers.start(
                         partial(
-                            hypercorn.trio.serve,
+                            serve_listener,
                             create_ops_app(ops),
                             ops_config,
                             shutdown_trigger=stop_servers.wait,
                         )
                     )
                     ops.serving = True
-                    addresses = GatewayAddresses(binds[0], ops_binds[0], ca_file, instance_id)
+                    addresses = GatewayAddresses(url, ops_url, ca_file, instance_id)
                     log.info("gateway ready", url=addresses.url, ops_url=addresses.ops_url)
                     task_status.started(addresses)
                     await shutdown.wait()

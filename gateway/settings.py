@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from common.ratelimit import RatePolicy
-from common.settings import KafkaSettings, ServiceSettings
+from common.settings import KafkaSettings, ServiceSettings, check_origins
 from common.tls import TlsSettings
 from gateway.backends import BackendSettings
 from gateway.sniff import ALLOWED_TYPES
@@ -133,11 +133,7 @@ class GatewaySettings(ServiceSettings):
     @field_validator("cors_origins")
     @classmethod
     def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for origin in value:
-            scheme, sep, rest = origin.partition("://")
-            if scheme not in ("https", "http") or not sep or not rest or "/" in rest:
-                raise ValueError(f"not an origin (scheme://host[:port]): {origin!r}")
-        return value
+        return check_origins(value)
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -9,8 +9,9 @@ too, so every field has a description and a bound.
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 
@@ -75,10 +76,15 @@ def phase_from_name(name: str) -> common_v1.PipelinePhase:
     return common_v1.PipelinePhase[name.upper()]
 
 
+def _enum_name(value: enum.IntEnum) -> Any:
+    """A proto enum value as its lowercase name; ``UNSPECIFIED`` (0) as None. The callers'
+    return types are the Literals of the names (checked by the response models)."""
+    return None if int(value) == 0 else str(value.name).lower()
+
+
 def _phase_name(phase: common_v1.PipelinePhase) -> PhaseName | None:
-    if phase == common_v1.PipelinePhase.UNSPECIFIED:
-        return None
-    return phase.name.lower()  # type: ignore[return-value]
+    name: PhaseName | None = _enum_name(phase)
+    return name
 
 
 def status_from_name(name: str) -> results_v1.BatchStatus:
@@ -86,15 +92,13 @@ def status_from_name(name: str) -> results_v1.BatchStatus:
 
 
 def _status_name(status: results_v1.BatchStatus) -> StatusName | None:
-    if status == results_v1.BatchStatus.UNSPECIFIED:
-        return None
-    return status.name.lower()  # type: ignore[return-value]
+    name: StatusName | None = _enum_name(status)
+    return name
 
 
 def _phase_status(status: results_v1.PhaseStatus) -> PhaseStatusName | None:
-    if status == results_v1.PhaseStatus.UNSPECIFIED:
-        return None
-    return status.name.lower()  # type: ignore[return-value]
+    name: PhaseStatusName | None = _enum_name(status)
+    return name
 
 
 def _utc(value: dt.datetime | None) -> dt.datetime | None:

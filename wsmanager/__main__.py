@@ -10,12 +10,7 @@ from __future__ import annotations
 import sys
 from functools import partial
 
-import trio
-
-from common.errors import ConfigurationError, UnavailableError
-from common.logs import configure_logging, get_logger
-from common.service import run_service
-from common.settings import load_settings, redacted
+from common.service import run_service, service_main
 from wsmanager.serve import serve_wsmanager
 from wsmanager.settings import WsManagerSettings
 
@@ -33,19 +28,7 @@ async def _run(settings: WsManagerSettings) -> None:
 
 
 def main() -> int:
-    try:
-        settings = load_settings(WsManagerSettings)
-    except ConfigurationError as exc:
-        print(f"wsmanager: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(service="wsmanager", level=settings.log_level, json=settings.log_json)
-    get_logger("wsmanager").info("config", settings=redacted(settings))
-    try:
-        trio.run(_run, settings)
-    except (ConfigurationError, UnavailableError) as exc:
-        print(f"wsmanager: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return service_main("wsmanager", WsManagerSettings, _run)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ handler (a protocol error is a close code).
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
@@ -173,9 +175,6 @@ class WsApp:
 
 
 def _kid_of(token: str) -> str:
-    import base64
-    import json
-
     try:
         head = token.split(".", 1)[0]
         header = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
@@ -243,9 +242,11 @@ class _Socket:
             await self.close(WsCloseCode.TRY_AGAIN_LATER, "catching up; retry shortly")
             return
         connection = Connection(
-            claims.sub, claims.sid, queue_frames=settings.send_queue_frames, filter=None
+            claims.sub,
+            claims.sid,
+            queue_frames=settings.send_queue_frames,
+            filter=protocol.EVERYTHING,
         )
-        connection.filter = protocol.EVERYTHING
         try:
             self.app.hub.register(connection)
         except Refused as refused:

@@ -6,12 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from quart import Response
 from quart_trio import QuartTrio
 
+from common.opsapp import create_ops_app as create_common_ops_app
 from wsmanager.app import WsStatistics
 from wsmanager.consumer import ConsumerStatistics
 from wsmanager.hub import HubStatistics
@@ -110,21 +109,4 @@ class _Collector(Collector):
 
 
 def create_ops_app(state: OpsState) -> QuartTrio:
-    app = QuartTrio("wsmanager-ops")
-    registry = CollectorRegistry(auto_describe=True)
-    registry.register(_Collector(state))
-
-    @app.route("/livez")
-    async def livez() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.route("/readyz")
-    async def readyz() -> tuple[dict[str, object], int]:
-        ready, checks = state.ready()
-        return {"ready": ready, "checks": checks}, 200 if ready else 503
-
-    @app.route("/metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(registry), content_type="text/plain; version=0.0.4")
-
-    return app
+    return create_common_ops_app("wsmanager", state.ready, _Collector(state))

@@ -11,22 +11,20 @@ consumers are cancelled.
 
 from __future__ import annotations
 
-import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-import hypercorn.trio
 import trio
-from hypercorn.config import Config
 
-from common.bus import EventBus, open_kafka_bus, open_memory_bus
+from common.bus import EventBus, open_service_bus
 from common.errors import WsCloseCode
 from common.events import Topic
+from common.httpserver import listener_config, serve_listener
 from common.logs import get_logger
 from common.revocations import Revocations, run_revocation_consumer, trio_wall_clock
-from common.tls import TlsSettings, configure_hypercorn, ensure_dev_certificates
+from common.tls import TlsSettings, ensure_dev_certificates
 from common.tokens import TokenVerifier, VerifierPolicy
 from wsmanager.app import WsApp
 from wsmanager.consumer import ConsumerStatistics, run_notification_consumer
@@ -57,18 +55,6 @@ def _tls(settings: WsManagerSettings) -> tuple[TlsSettings, str | None]:
         return settings.tls, None
     dev = ensure_dev_certificates(settings.state_dir)
     return dev.tls_settings(), str(dev.ca_cert)
-
-
-@contextlib.asynccontextmanager
-async def _bus(settings: WsManagerSettings, bus: EventBus | None) -> AsyncIterator[EventBus]:
-    if bus is not None:
-        yield bus
-    elif settings.kafka.bootstrap_servers:
-        async with open_kafka_bus(settings.kafka) as kafka:
-            yield kafka
-    else:
-        async with open_memory_bus() as memory:
-            yield memory
 
 
 async def serve_wsmanager(
@@ -125,7 +111,7 @@ async def serve_wsmanager(
     going_away = trio.Event()
     stop_servers = trio.Event()
 
-    async with _bus(settings, bus) as the_bus, trio.open_nursery() as workers:
+    async with open_service_bus(settings.kafka, bus) as the_bus, trio.open_nursery() as workers:
         await workers.start(keys.run)
         app = WsApp(
             settings,
@@ -172,37 +158,25 @@ async def serve_wsmanager(
             )
         )
         async with trio.open_nursery() as servers:
-            config = Config()
-            config.bind = [f"{settings.host}:{settings.port}"]
-            configure_hypercorn(tls, config)
+            grace = settings.shutdown_grace_s
+            config = listener_config(settings.host, settings.port, grace_s=grace, tls=tls)
             config.alpn_protocols = ["http/1.1"]  # WebSocket over HTTP/1.1 upgrade
-            config.accesslog = None
-            config.graceful_timeout = settings.shutdown_grace_s
             config.websocket_max_message_size = settings.max_frame_bytes
             config.include_server_header = False
-            binds = await servers.start(
-                partial(
-                    hypercorn.trio.serve,
-                    app,  # type: ignore[arg-type]  # a raw ASGI 3 app
-                    config,
-                    shutdown_trigger=stop_servers.wait,
-                )
+            https_url: str = await servers.start(
+                partial(serve_listener, app, config, shutdown_trigger=stop_servers.wait)
             )
-            ops_config = Config()
-            ops_config.bind = [f"{settings.ops_host}:{settings.ops_port}"]
-            ops_config.accesslog = None
-            ops_config.graceful_timeout = settings.shutdown_grace_s
-            ops_binds = await servers.start(
+            ops_url: str = await servers.start(
                 partial(
-                    hypercorn.trio.serve,
+                    serve_listener,
                     create_ops_app(ops),
-                    ops_config,
+                    listener_config(settings.ops_host, settings.ops_port, grace_s=grace),
                     shutdown_trigger=stop_servers.wait,
                 )
             )
             ops.serving = True
-            url = binds[0].replace("https://", "wss://")
-            addresses = WsManagerAddresses(url, ops_binds[0], ca_file, instance_id)
+            url = https_url.replace("https://", "wss://")
+            addresses = WsManagerAddresses(url, ops_url, ca_file, instance_id)
             log.info("wsmanager ready", url=url, ops_url=addresses.ops_url)
             task_status.started(addresses)
             await shutdown.wait()

@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from common.settings import KafkaSettings, ServiceSettings
+from common.settings import KafkaSettings, ServiceSettings, check_origins
 from common.tls import TlsSettings
 
 __all__ = ["WsManagerSettings"]
@@ -65,11 +65,7 @@ class WsManagerSettings(ServiceSettings):
     @field_validator("allowed_origins")
     @classmethod
     def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for origin in value:
-            scheme, sep, rest = origin.partition("://")
-            if scheme not in ("https", "http") or not sep or not rest or "/" in rest:
-                raise ValueError(f"not an origin (scheme://host[:port]): {origin!r}")
-        return value
+        return check_origins(value)
 
     def under_state(self, path: Path) -> Path:
         return path if path.is_absolute() else self.state_dir / path

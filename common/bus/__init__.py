@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from common.bus._kafka import KafkaBus, open_kafka_bus
 from common.bus._memory import MemoryBus, open_memory_bus
+from common.bus._open import open_service_bus
 from common.bus._types import (
     BusStatistics,
     EventBus,
@@ -43,4 +44,5 @@ __all__ = [
     "murmur2_partition",
     "open_kafka_bus",
     "open_memory_bus",
+    "open_service_bus",
 ]

@@ -10,7 +10,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +236,3 @@ async def handshake_status(ws: Ws, *, origin: str | None, path: str = "/v1/ws") 
 
 def unique_batch() -> str:
     return f"b-{uuid.uuid4().hex[:12]}"
-
-
-_ = partial
