@@ -10,7 +10,7 @@ KAFKA_PORT ?= 19092
 export KAFKA_PORT
 ARGS ?=
 
-.PHONY: run test install proto lint perf kafka-start kafka-stop openapi clean
+.PHONY: run test install proto lint perf kafka-start kafka-stop cluster-start cluster-stop openapi clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,9 +26,11 @@ $(BUF):
 	mkdir -p .tools
 	cd .tools && npm install --silent --no-audit --no-fund @bufbuild/buf@1.75.0
 
-## run: start the whole tier on its embedded defaults
+RUN_ARGS ?=
+
+## run: start the whole tier on its embedded defaults (RUN_ARGS: e.g. --kafka 127.0.0.1:19092)
 run: install
-	$(BIN)/huleedu devstack
+	$(BIN)/huleedu devstack $(RUN_ARGS)
 
 ## test: the whole suite against a real Apache Kafka broker on loopback (stopped afterwards)
 test: install
@@ -68,6 +70,14 @@ kafka-start:
 
 kafka-stop:
 	@deploy/kafka/broker.sh stop
+
+## cluster-start / cluster-stop: every service as its own process on a real broker
+cluster-start: install
+	@deploy/kafka/broker.sh fetch
+	@deploy/local-cluster start
+
+cluster-stop:
+	@deploy/local-cluster stop
 
 clean:
 	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache .hypothesis deploy/kafka/.cache deploy/kafka/.run

@@ -10,6 +10,7 @@ with a 400 problem document. (A ``PRI *`` prior-knowledge preface is left alone.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -49,6 +50,9 @@ def listener_config(host: str, port: int, *, grace_s: float, tls: Any = None) ->
     config = Config()
     config.bind = [f"{host}:{port}"]
     config.accesslog = None
+    # Hypercorn's own messages go through our logging (one format, the process's level)
+    # instead of a second stderr handler of its own.
+    config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = grace_s
     if tls is not None:
         configure_hypercorn(tls, config)

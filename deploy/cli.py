@@ -1,8 +1,8 @@
 """The ``huleedu`` command.
 
-Sub-commands are added as the services land; each says plainly what it does. Until the dev
-stack exists, ``huleedu devstack`` (what ``make run`` starts) says so and exits non-zero rather
-than pretending to run something.
+``huleedu devstack`` (what ``make run`` starts) runs the whole tier in one program on the
+embedded defaults; ``gateway``, ``wsmanager``, ``aggregator`` and ``sandbox`` run one service
+each as a process configured by environment (multi-process mode, on a real Kafka broker).
 """
 
 from __future__ import annotations
@@ -14,18 +14,22 @@ from collections.abc import Sequence
 __all__ = ["main"]
 
 
-def _devstack(_args: argparse.Namespace) -> int:
-    print(
-        "huleedu devstack: the all-in-one dev stack (gateway, wsmanager, aggregator and the\n"
-        "sandbox backends in one Trio program) is not built yet.\n"
-        "What works today:\n"
-        "  make test          the whole suite against a real Kafka broker\n"
-        "  make kafka-start   a single-node Apache Kafka broker on 127.0.0.1:19092\n"
-        "  make perf          the benchmarks (results in perf/results/)\n"
-        "  make proto         regenerate common/contracts from proto/",
-        file=sys.stderr,
-    )
-    return 2
+def _devstack(args: argparse.Namespace) -> int:
+    from deploy.devstack import main as devstack_main
+
+    return devstack_main(args)
+
+
+def _sandbox(_args: argparse.Namespace) -> int:
+    from deploy.sandbox.__main__ import main as sandbox_main
+
+    return sandbox_main()
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    from deploy.cluster import main as cluster_main
+
+    return cluster_main(args)
 
 
 def _aggregator(_args: argparse.Namespace) -> int:
@@ -50,7 +54,22 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="huleedu", description="HuleEdu interface tier")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     dev = sub.add_parser("devstack", help="run the whole tier on embedded defaults")
+    from deploy.devstack import add_arguments as devstack_arguments
+
+    devstack_arguments(dev)
     dev.set_defaults(func=_devstack)
+    box = sub.add_parser(
+        "sandbox", help="run the sandbox identity/batch/file backends (HULEEDU_SANDBOX_*)"
+    )
+    box.set_defaults(func=_sandbox)
+    from deploy.cluster import add_arguments as cluster_arguments
+
+    cluster = sub.add_parser(
+        "local-cluster",
+        help="every service as its own process on Kafka (2 gateways, 2 wsmanagers)",
+    )
+    cluster_arguments(cluster)
+    cluster.set_defaults(func=_cluster)
     agg = sub.add_parser("aggregator", help="run the result aggregator (HULEEDU_AGGREGATOR_*)")
     agg.set_defaults(func=_aggregator)
     gw = sub.add_parser("gateway", help="run the HTTPS API gateway (HULEEDU_GATEWAY_*)")

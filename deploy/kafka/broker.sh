@@ -5,6 +5,8 @@
 #   broker.sh fetch    download Kafka and its dependencies from Maven Central (once)
 #   broker.sh start    format fresh storage, start, wait until it answers metadata requests
 #   broker.sh stop     stop it (SIGTERM, then SIGKILL after a bound) and delete its data
+#   broker.sh halt     stop it but keep its data (an outage; ``resume`` brings it back)
+#   broker.sh resume   start it again on the data a ``halt`` kept
 #   broker.sh status   say whether it runs
 #
 # Environment: KAFKA_PORT (default 19092), KAFKA_CONTROLLER_PORT (default KAFKA_PORT+1),
@@ -116,9 +118,13 @@ start() {
   java_cmd kafka.tools.StorageTool format --standalone -t "$cluster_id" \
     -c "$RUN/server.properties" >"$RUN/format.log" 2>&1 || {
     log "storage format failed:"; cat "$RUN/format.log" >&2; exit 1; }
+  launch
+}
+
+launch() {
   nohup java "-Xmx$HEAP" "-Xms$HEAP" -XX:+UseG1GC -Djava.awt.headless=true \
     "-Dlog4j2.configurationFile=$RUN/log4j2.properties" \
-    -cp "$LIB/*" kafka.Kafka "$RUN/server.properties" >"$RUN/stdout.log" 2>&1 &
+    -cp "$LIB/*" kafka.Kafka "$RUN/server.properties" >>"$RUN/stdout.log" 2>&1 &
   echo $! >"$PIDFILE"
   local waited=0
   until answers; do
@@ -141,7 +147,7 @@ start() {
   echo "KAFKA_BOOTSTRAP=127.0.0.1:$PORT"
 }
 
-stop() {
+terminate() {
   if running; then
     local pid
     pid="$(cat "$PIDFILE")"
@@ -156,7 +162,26 @@ stop() {
     fi
     log "stopped (pid $pid)"
   fi
+  rm -f "$PIDFILE"
+}
+
+stop() {
+  terminate
   rm -rf "$RUN"
+}
+
+halt() {
+  running || { log "not running on 127.0.0.1:$PORT"; exit 1; }
+  terminate
+}
+
+resume() {
+  if running; then
+    log "already running (pid $(cat "$PIDFILE")) on 127.0.0.1:$PORT"
+    return 0
+  fi
+  [ -f "$RUN/server.properties" ] || { log "nothing to resume on port $PORT (use start)"; exit 1; }
+  launch
 }
 
 status() {
@@ -172,6 +197,8 @@ case "${1:-}" in
   fetch) fetch ;;
   start) start ;;
   stop) stop ;;
+  halt) halt ;;
+  resume) resume ;;
   status) status ;;
-  *) echo "usage: $0 fetch|start|stop|status" >&2; exit 2 ;;
+  *) echo "usage: $0 fetch|start|stop|halt|resume|status" >&2; exit 2 ;;
 esac

@@ -31,7 +31,7 @@ from pydantic_settings import SettingsConfigDict
 from common.bus import EventBus
 from common.logs import get_logger
 from common.rpc import serve_grpc
-from common.settings import ServiceSettings
+from common.settings import KafkaSettings, ServiceSettings
 from deploy.sandbox.batches import SandboxBatches
 from deploy.sandbox.files import FileLimits, SandboxFiles
 from deploy.sandbox.pipeline import EventPublisher, PipelineSettings, PipelineSimulator
@@ -53,6 +53,10 @@ class SandboxSettings(ServiceSettings):
     grpc_host: str = "127.0.0.1"
     #: One port serves BatchService and FileService; 0 picks a free one (reported on start).
     grpc_port: int = Field(default=50071, ge=0, le=65535)
+    #: The sandbox IdentityService's port when run as a process (``huleedu sandbox``).
+    identity_port: int = Field(default=50051, ge=0, le=65535)
+    #: Where events are published when run as a process (empty = in-process bus).
+    kafka: KafkaSettings = KafkaSettings(client_id="sandbox")
     #: Uploaded files go under ``<state_dir>/files``, uploads in progress under ``incoming``.
     state_dir: Path = Path(".state/sandbox")
     pipeline: PipelineSettings = PipelineSettings()
