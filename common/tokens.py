@@ -79,6 +79,9 @@ class AccessClaims:
     jti: str
     iat: int
     exp: int
+    #: On a ``ws_ticket``: the ``exp`` of the access token it was minted from (a socket opened
+    #: with the ticket lives as long as that token would); None on other tokens.
+    access_exp: int | None = None
 
 
 class KeySet:
@@ -188,6 +191,10 @@ def _b64json(segment: str, what: str) -> dict[str, Any]:
     return value
 
 
+def _optional_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _int_claim(claims: Mapping[str, Any], name: str) -> int:
     value = claims.get(name)
     if not isinstance(value, int) or isinstance(value, bool):
@@ -294,6 +301,7 @@ class TokenVerifier:
             jti=str(jti),
             iat=iat,
             exp=exp,
+            access_exp=_optional_int(claims.get("access_exp")),
         )
 
     def forget(self) -> None:

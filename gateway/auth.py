@@ -227,6 +227,8 @@ class AuthService:
             sid=claims.sid,
             now=self.wall(),
             typ="ws_ticket",
+            # The socket the ticket opens lives as long as the access token would have.
+            extra={"access_exp": claims.exp},
         )
         return WsTicket(ticket=ticket, expires_in=self.ticket_ttl_s)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import math
 import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 PATH = "/v1/ws"
+#: Longest a ticket-opened socket lives without a refresh (the gateway's access-token limit).
+ACCESS_LIFETIME_CAP_S = 900
 #: Seconds a close frame may take to go out to a stalled peer.
 CLOSE_SEND_S = 1.0
 
@@ -190,8 +193,23 @@ async def _plain(send: Send, status: int, body: bytes) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+def _lifetime_end(claims: AccessClaims) -> float:
+    """When an authenticated socket expires (4002) unless refreshed: the access token's
+    ``exp``; for a ticket, the ``exp`` of the access token it was minted from (never more
+    than an access token's longest lifetime after the ticket was issued)."""
+    if claims.access_exp is None:
+        return float(claims.exp)
+    return float(min(claims.access_exp, claims.iat + ACCESS_LIFETIME_CAP_S))
+
+
 class _Socket:
-    """One accepted socket's life."""
+    """One accepted socket's life.
+
+    Tasks: the handler's own task writes (it drains the connection's queue), one child reads,
+    and one child keeps the clocks (heartbeat, token expiry) and watches for the service
+    going away. A close asked of the connection (slow consumer, revocation, a reader's
+    protocol error) cancels them at once through :meth:`Connection.on_close`.
+    """
 
     def __init__(self, app: WsApp, receive: Receive, send: Send) -> None:
         self.app = app
@@ -201,12 +219,26 @@ class _Socket:
         self.connection: Connection | None = None
         self.close_code: int = int(WsCloseCode.NORMAL)
         self.expires_at = 0.0
-        self.heard = trio.Event()
-        self._pinged_nonce: str | None = None
+        #: Whether a frame came in since the last ``ping`` was due.
+        self._heard = False
+        #: Whether the last ``ping`` has gone out (the pong wait starts then).
+        self._ping_sent = False
+        #: The clock task's current wait (cancelled to wake it early), else None.
+        self._wake: trio.CancelScope | None = None
 
     async def send_text(self, text: str) -> None:
-        async with self._send_lock:
+        # One sender at a time; an uncontended send takes the lock without a checkpoint of
+        # its own (the ASGI send has its own), which is the writer's per-frame path.
+        lock = self._send_lock
+        if lock.locked():
+            async with lock:
+                await self._send({"type": "websocket.send", "text": text})
+            return
+        lock.acquire_nowait()
+        try:
             await self._send({"type": "websocket.send", "text": text})
+        finally:
+            lock.release()
 
     async def close(self, code: WsCloseCode, reason: str) -> None:
         self.close_code = int(code)
@@ -258,28 +290,25 @@ class _Socket:
             if since is not None
             else None
         )
-        self.expires_at = float(claims.exp)
+        self.expires_at = _lifetime_end(claims)
         await self.send_text(
             protocol.welcome(
                 connection_id=connection.id,
                 user_id=claims.sub,
-                expires_at=float(claims.exp),
+                expires_at=self.expires_at,
                 resume=resume,
             )
         )
-        async with trio.open_nursery() as nursery:
-
-            async def watch(coroutine: Awaitable[None]) -> None:
-                with contextlib.suppress(_Closed):  # the peer left: everything else stops
-                    await coroutine
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(watch, self._writer(connection))
-            nursery.start_soon(watch, self._reader(connection, claims))
-            nursery.start_soon(watch, self._expiry(connection))
-            nursery.start_soon(watch, self._heartbeat(connection))
-            nursery.start_soon(watch, self._going_away(connection))
-            nursery.start_soon(watch, connection.closing.wait())
+        try:
+            async with trio.open_nursery() as nursery:
+                stop = nursery.cancel_scope.cancel
+                connection.on_close(stop)
+                nursery.start_soon(self._reader, connection, claims, stop)
+                nursery.start_soon(self._clocks, connection, nursery)
+                await self._writer(connection)
+                stop()
+        finally:
+            connection.on_close(None)
         if connection.close_code is not None:
             await self.close(connection.close_code, connection.close_reason)
 
@@ -308,12 +337,34 @@ class _Socket:
             raise protocol.ProtocolError(WsCloseCode.AUTH_FAILED, "authentication failed") from None
 
     async def _writer(self, connection: Connection) -> None:
-        while connection.backlog:
-            await self.send_text(connection.backlog.popleft())
-        async for frame in connection.receive:
+        """Send the backlog, then the queue until it is closed. Everything queued at a wakeup
+        is sent back to back: one ASGI send per frame and no checkpoint between frames other
+        than the send's own."""
+        if connection.has_backlog():
+            backlog = connection.backlog
+            while backlog:
+                await self.send_text(backlog.popleft())
+        outbox = connection.receive
+        while True:
+            try:
+                frame = outbox.receive_nowait()
+            except trio.WouldBlock:
+                try:
+                    frame = await outbox.receive()
+                except trio.EndOfChannel:
+                    return
+            except trio.EndOfChannel:
+                return
             await self.send_text(frame)
 
-    async def _reader(self, connection: Connection, claims: AccessClaims) -> None:
+    async def _reader(
+        self, connection: Connection, claims: AccessClaims, stop: Callable[[], None]
+    ) -> None:
+        with contextlib.suppress(_Closed):  # the peer left: everything else stops
+            await self._read(connection, claims)
+        stop()
+
+    async def _read(self, connection: Connection, claims: AccessClaims) -> None:
         app = self.app
         limiter = GcraLimiter(app._inbound, max_keys=1)
         while True:
@@ -322,7 +373,9 @@ class _Socket:
             except protocol.ProtocolError as exc:
                 connection.close(exc.code, exc.reason)
                 return
-            self.heard.set()
+            if not self._heard:
+                self._heard = True
+                self._wake_clocks()
             if not limiter.check("c", trio.current_time()).allowed:
                 connection.close(WsCloseCode.RATE_LIMITED, "too many frames")
                 return
@@ -345,7 +398,7 @@ class _Socket:
             elif isinstance(frame, protocol.Refresh):
                 await self._refresh(connection, claims, frame.token)
             elif isinstance(frame, protocol.Pong):
-                pass  # liveness is any frame (``heard``)
+                pass  # liveness is any frame (``_heard``)
             else:  # a second auth
                 await self.send_text(
                     protocol.error(
@@ -368,26 +421,63 @@ class _Socket:
         self.expires_at = max(self.expires_at, float(fresh.exp))
         await self.send_text(protocol.refreshed(self.expires_at))
 
-    async def _expiry(self, connection: Connection) -> None:
+    async def _clocks(self, connection: Connection, nursery: trio.Nursery) -> None:
+        """One task for three waits that were a task each: the token's expiry (4002 unless a
+        ``refresh`` came), the heartbeat (``ping`` every ``ping_interval_s`` after the last
+        answer; no frame within ``pong_timeout_s`` of a ping closes) and the service going
+        away (1001). It waits for ``going_away`` until the nearest deadline; a ping that has
+        gone out and a frame coming in wake it early. Deadlines are absolute, so an early
+        wake changes no time: the expiry is checked ``expires_at - wall()`` after the
+        previous check, the next ping is due ``ping_interval_s`` after the answer to the last
+        one, and the pong wait starts once the ping has gone out. The ping goes out from a
+        short-lived task, so expiry and going away are watched while its send waits."""
+        app = self.app
+        settings = app.settings
+        left = self.expires_at - app.wall()
+        if left <= 0:
+            connection.close(WsCloseCode.TOKEN_EXPIRED, "token expired; refresh in time")
+            return
+        now = trio.current_time()
+        expiry_at = now + left
+        next_ping_at = now + settings.ping_interval_s  # inf while a ping is out or awaited
+        pong_by = math.inf  # finite while an answer to a ping is awaited
         while True:
-            left = self.expires_at - self.app.wall()
-            if left <= 0:
-                connection.close(WsCloseCode.TOKEN_EXPIRED, "token expired; refresh in time")
+            with trio.CancelScope(deadline=min(expiry_at, next_ping_at, pong_by)) as wait:
+                self._wake = wait
+                try:
+                    await app.going_away.wait()
+                finally:
+                    self._wake = None
+            if app.going_away.is_set():
+                connection.close(WsCloseCode.GOING_AWAY, "server shutting down")
                 return
-            await trio.sleep(left)
+            now = trio.current_time()
+            if now >= expiry_at:
+                left = self.expires_at - app.wall()
+                if left <= 0:
+                    connection.close(WsCloseCode.TOKEN_EXPIRED, "token expired; refresh in time")
+                    return
+                expiry_at = now + left
+            if self._ping_sent:
+                self._ping_sent = False
+                pong_by = now + settings.pong_timeout_s
+            if pong_by < math.inf:
+                if self._heard:
+                    pong_by = math.inf
+                    next_ping_at = now + settings.ping_interval_s
+                elif now >= pong_by:
+                    connection.close(WsCloseCode.PONG_TIMEOUT, "no answer to ping")
+                    return
+            elif now >= next_ping_at:
+                next_ping_at = math.inf
+                self._heard = False
+                nursery.start_soon(self._ping)
 
-    async def _heartbeat(self, connection: Connection) -> None:
-        settings = self.app.settings
-        while True:
-            await trio.sleep(settings.ping_interval_s)
-            self.heard = trio.Event()
-            await self.send_text(protocol.server_ping(secrets.token_hex(4)))
-            with trio.move_on_after(settings.pong_timeout_s) as waiting:
-                await self.heard.wait()
-            if waiting.cancelled_caught:
-                connection.close(WsCloseCode.PONG_TIMEOUT, "no answer to ping")
-                return
+    def _wake_clocks(self) -> None:
+        if self._wake is not None:
+            self._wake.cancel()
 
-    async def _going_away(self, connection: Connection) -> None:
-        await self.app.going_away.wait()
-        connection.close(WsCloseCode.GOING_AWAY, "server shutting down")
+    async def _ping(self) -> None:
+        await self.send_text(protocol.server_ping(secrets.token_hex(4)))
+        self._ping_sent = True
+        self._wake_clocks()

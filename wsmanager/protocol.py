@@ -373,7 +373,7 @@ class ResumePoint:
 def parse_since(value: str) -> ResumePoint:
     """Parse the ``since`` query parameter, ``<epoch>:<offset>`` (split at the last colon).
 
-    Raises :class:`ProtocolError` (1007, field ``since``); the handler answers it with HTTP 400
+    Raises :class:`ProtocolError` (1007, field ``since``); the handler answers it with HTTP 403
     before the upgrade.
     """
     epoch, sep, offset = value.rpartition(":")

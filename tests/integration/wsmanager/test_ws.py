@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import jwt
 import pytest
 import trio
 import trio_websocket
@@ -19,6 +20,7 @@ from tests.integration.wsmanager.conftest import (
     next_frame,
     unique_batch,
 )
+from wsmanager.protocol import rfc3339
 
 
 async def test_token_auth_welcome_and_an_event(ws: Ws) -> None:
@@ -62,9 +64,13 @@ async def test_missing_origin_policy_is_configurable(start_wsmanager: object) ->
 
 
 async def test_ticket_auth_is_single_use(ws: Ws) -> None:
-    ticket = await ws.ticket(await ws.token())
+    token = await ws.token()
+    ticket = await ws.ticket(token)
     async with ws.connect(ticket=ticket) as (_, welcome):
         assert welcome["user_id"] == TEACHER.user_id
+        # The socket lives as long as the access token the ticket came from, not 30 s.
+        access_exp = jwt.decode(token, options={"verify_signature": False})["exp"]
+        assert welcome["expires_at"] == rfc3339(access_exp)
     async with ws.raw(ticket=ticket) as socket:
         with pytest.raises(trio_websocket.ConnectionClosed) as info:
             await socket.get_message()
