@@ -70,6 +70,16 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     cluster_arguments(cluster)
     cluster.set_defaults(func=_cluster)
+    from deploy import demo, wstail
+
+    run_demo = sub.add_parser(
+        "demo", help="run the sample essays through the tier, live, and print the results"
+    )
+    demo.add_arguments(run_demo)
+    run_demo.set_defaults(func=demo.main)
+    tail = sub.add_parser("ws-tail", help="follow a teacher's live updates over the WebSocket")
+    wstail.add_arguments(tail)
+    tail.set_defaults(func=wstail.main)
     agg = sub.add_parser("aggregator", help="run the result aggregator (HULEEDU_AGGREGATOR_*)")
     agg.set_defaults(func=_aggregator)
     gw = sub.add_parser("gateway", help="run the HTTPS API gateway (HULEEDU_GATEWAY_*)")

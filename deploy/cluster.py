@@ -38,7 +38,15 @@ import httpx
 from common.tls import ensure_dev_certificates
 from gateway.keys import load_signing_keys
 
-__all__ = ["Cluster", "ClusterPorts", "ProcessFailed", "Service", "add_arguments", "main"]
+__all__ = [
+    "Cluster",
+    "ClusterPorts",
+    "ProcessFailed",
+    "Service",
+    "add_arguments",
+    "free_ports",
+    "main",
+]
 
 BROKER_SCRIPT = Path(__file__).resolve().parent / "kafka" / "broker.sh"
 DEFAULT_STATE_DIR = Path(".state/cluster")
@@ -67,7 +75,7 @@ class ClusterPorts:
     @classmethod
     def free(cls, gateways: int = 2, wsmanagers: int = 2) -> ClusterPorts:
         """Ports nothing listens on right now (for tests running beside other listeners)."""
-        ports = iter(_free_ports(4 + 2 * gateways + 2 * wsmanagers))
+        ports = iter(free_ports(4 + 2 * gateways + 2 * wsmanagers))
         return cls(
             identity=next(ports),
             sandbox=next(ports),
@@ -80,7 +88,7 @@ class ClusterPorts:
         )
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
     with contextlib.ExitStack() as stack:
         sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
         for sock in sockets:
