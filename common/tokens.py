@@ -184,7 +184,8 @@ def _b64json(segment: str, what: str) -> dict[str, Any]:
     try:
         raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
         value = json.loads(raw)
-    except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError) as exc:
+        # RecursionError: a segment of a few thousand nested brackets (under every size cap).
         raise AuthenticationError(f"{what} is not base64url JSON") from exc
     if not isinstance(value, dict):
         raise AuthenticationError(f"{what} is not a JSON object")

@@ -56,6 +56,7 @@ __all__ = [
     "DevstackAddresses",
     "DevstackOptions",
     "add_arguments",
+    "banner",
     "main",
     "serve_devstack",
 ]

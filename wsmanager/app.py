@@ -33,7 +33,12 @@ from urllib.parse import parse_qs
 
 import trio
 
-from common.errors import AuthenticationError, TokenExpiredError, WsCloseCode
+from common.errors import (
+    AuthenticationError,
+    SessionRevokedError,
+    TokenExpiredError,
+    WsCloseCode,
+)
 from common.logs import get_logger
 from common.ratelimit import GcraLimiter, RatePolicy
 from common.tokens import AccessClaims, TokenVerifier, UnknownKeyError
@@ -52,6 +57,10 @@ Send = Callable[[Message], Awaitable[None]]
 PATH = "/v1/ws"
 #: Longest a ticket-opened socket lives without a refresh (the gateway's access-token limit).
 ACCESS_LIFETIME_CAP_S = 900
+#: Close codes whose reason names the specific problem (the others send the table's text).
+_SPECIFIC_REASONS = frozenset(
+    {WsCloseCode.INVALID_PAYLOAD, WsCloseCode.POLICY_VIOLATION, WsCloseCode.MESSAGE_TOO_BIG}
+)
 #: Seconds a close frame may take to go out to a stalled peer.
 CLOSE_SEND_S = 1.0
 
@@ -62,12 +71,14 @@ class TicketLedger:
     def __init__(self) -> None:
         self._until: dict[str, float] = {}
 
-    def redeem(self, jti: str, exp: float, now: float) -> bool:
+    def redeem(self, jti: str, until: float, now: float) -> bool:
+        """Redeem ticket ``jti``, remembered until ``until`` (its ``exp`` plus the verifier's
+        leeway: as long as the verifier would accept it); False if it was redeemed before."""
         if len(self._until) > 1024:
             self._until = {k: v for k, v in self._until.items() if v > now}
         if jti in self._until:
             return False
-        self._until[jti] = exp
+        self._until[jti] = until
         return True
 
 
@@ -112,8 +123,8 @@ class WsApp:
         self._origins = frozenset(settings.allowed_origins)
         self._inbound = RatePolicy(
             "ws-inbound",
-            limit=max(1, round(settings.inbound_rate_per_s * 60)),
-            period_s=60.0,
+            limit=1,
+            period_s=1.0 / settings.inbound_rate_per_s,
             burst=settings.inbound_burst,
         )
 
@@ -221,8 +232,6 @@ class _Socket:
         self.expires_at = 0.0
         #: Whether a frame came in since the last ``ping`` was due.
         self._heard = False
-        #: Whether the last ``ping`` has gone out (the pong wait starts then).
-        self._ping_sent = False
         #: The clock task's current wait (cancelled to wake it early), else None.
         self._wake: trio.CancelScope | None = None
 
@@ -241,11 +250,15 @@ class _Socket:
             lock.release()
 
     async def close(self, code: WsCloseCode, reason: str) -> None:
+        """Close with ``code``; the reason is the table's text (PROTOCOL.md §6) except for
+        1007/1008/1009, where ``reason`` names the problem. Shielded from outer cancellation
+        but never longer than ``CLOSE_SEND_S`` (a peer that stopped reading is dropped)."""
         self.close_code = int(code)
-        with trio.move_on_after(CLOSE_SEND_S), trio.CancelScope(shield=True):
+        text = reason if code in _SPECIFIC_REASONS else protocol.close_reason(code)
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_SEND_S):
             async with self._send_lock:
                 await self._send(
-                    {"type": "websocket.close", "code": int(code), "reason": reason[:120]}
+                    {"type": "websocket.close", "code": int(code), "reason": text[:120]}
                 )
 
     async def next_text(self) -> str:
@@ -265,10 +278,13 @@ class _Socket:
     async def run(self, ticket: str | None, since: protocol.ResumePoint | None) -> None:
         settings = self.app.settings
         try:
-            claims = await self._authenticate(ticket)
+            claims = await self._authenticate_unless_going_away(ticket)
         except protocol.ProtocolError as exc:
             self.app.stats.auth_failures += 1
             await self.close(exc.code, exc.reason)
+            return
+        if claims is None:
+            await self.close(WsCloseCode.GOING_AWAY, "server shutting down")
             return
         if not self.app.ready():
             await self.close(WsCloseCode.TRY_AGAIN_LATER, "catching up; retry shortly")
@@ -312,12 +328,38 @@ class _Socket:
         if connection.close_code is not None:
             await self.close(connection.close_code, connection.close_reason)
 
+    async def _authenticate_unless_going_away(self, ticket: str | None) -> AccessClaims | None:
+        """The socket's claims, or None if the service started going away first (a socket
+        still authenticating is closed with 1001 like the others, not left to its deadline)."""
+        claims: AccessClaims | None = None
+        refused: protocol.ProtocolError | None = None
+        async with trio.open_nursery() as nursery:
+
+            async def authenticate() -> None:
+                nonlocal claims, refused
+                try:
+                    claims = await self._authenticate(ticket)
+                except protocol.ProtocolError as exc:  # raised below, outside the nursery
+                    refused = exc
+                nursery.cancel_scope.cancel()
+
+            async def going_away() -> None:
+                await self.app.going_away.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(authenticate)
+            nursery.start_soon(going_away)
+        if refused is not None:
+            raise refused
+        return claims
+
     async def _authenticate(self, ticket: str | None) -> AccessClaims:
         app = self.app
         try:
             if ticket is not None:
                 claims = await app.verify(ticket, ticket=True)
-                if not app.tickets.redeem(claims.jti, float(claims.exp), app.wall()):
+                until = float(claims.exp) + app.settings.token_leeway_s
+                if not app.tickets.redeem(claims.jti, until, app.wall()):
                     raise AuthenticationError("ticket already used")
                 return claims
             with trio.fail_after(app.settings.auth_timeout_s):
@@ -330,8 +372,11 @@ class _Socket:
             raise protocol.ProtocolError(
                 WsCloseCode.AUTH_FAILED, "no auth frame within the deadline"
             ) from None
-        except TokenExpiredError:
-            raise protocol.ProtocolError(WsCloseCode.AUTH_FAILED, "token expired") from None
+        except TokenExpiredError as exc:  # an expired token 4002; an expired ticket is spent
+            code = WsCloseCode.AUTH_FAILED if ticket is not None else exc.ws_close_code
+            raise protocol.ProtocolError(code, exc.message) from None
+        except SessionRevokedError as exc:  # 4003 (PROTOCOL.md §1)
+            raise protocol.ProtocolError(exc.ws_close_code, exc.message) from None
         except AuthenticationError as exc:
             log.info("websocket authentication failed", reason=exc.message)
             raise protocol.ProtocolError(WsCloseCode.AUTH_FAILED, "authentication failed") from None
@@ -426,10 +471,10 @@ class _Socket:
         ``refresh`` came), the heartbeat (``ping`` every ``ping_interval_s`` after the last
         answer; no frame within ``pong_timeout_s`` of a ping closes) and the service going
         away (1001). It waits for ``going_away`` until the nearest deadline; a ping that has
-        gone out and a frame coming in wake it early. Deadlines are absolute, so an early
-        wake changes no time: the expiry is checked ``expires_at - wall()`` after the
-        previous check, the next ping is due ``ping_interval_s`` after the answer to the last
-        one, and the pong wait starts once the ping has gone out. The ping goes out from a
+        frame coming in wakes it early. Deadlines are absolute, so an early wake changes no
+        time: the expiry is checked ``expires_at - wall()`` after the previous check, the
+        next ping is due ``ping_interval_s`` after the answer to the last one, and the answer
+        is due ``pong_timeout_s`` after the ping was due. The ping goes out from a
         short-lived task, so expiry and going away are watched while its send waits."""
         app = self.app
         settings = app.settings
@@ -458,9 +503,6 @@ class _Socket:
                     connection.close(WsCloseCode.TOKEN_EXPIRED, "token expired; refresh in time")
                     return
                 expiry_at = now + left
-            if self._ping_sent:
-                self._ping_sent = False
-                pong_by = now + settings.pong_timeout_s
             if pong_by < math.inf:
                 if self._heard:
                     pong_by = math.inf
@@ -469,7 +511,10 @@ class _Socket:
                     connection.close(WsCloseCode.PONG_TIMEOUT, "no answer to ping")
                     return
             elif now >= next_ping_at:
+                # The answer is due pong_timeout_s after the ping was due, whether or not it
+                # could go out: a peer that stopped reading (its send blocks) is reaped too.
                 next_ping_at = math.inf
+                pong_by = now + settings.pong_timeout_s
                 self._heard = False
                 nursery.start_soon(self._ping)
 
@@ -479,5 +524,3 @@ class _Socket:
 
     async def _ping(self) -> None:
         await self.send_text(protocol.server_ping(secrets.token_hex(4)))
-        self._ping_sent = True
-        self._wake_clocks()
