@@ -297,8 +297,14 @@ class _Socket:
         )
         try:
             self.app.hub.register(connection)
-        except Refused as refused:
+        except Refused as refused:  # a ticket refused here is not spent: retry with it
             await self.close(refused.code, refused.reason)
+            return
+        if ticket is not None and not self._redeem(claims):
+            self.app.hub.unregister(connection)
+            self.app.stats.auth_failures += 1
+            log.info("websocket authentication failed", reason="ticket already used")
+            await self.close(WsCloseCode.AUTH_FAILED, "ticket already used")
             return
         self.connection = connection
         resume = (
@@ -328,6 +334,13 @@ class _Socket:
         if connection.close_code is not None:
             await self.close(connection.close_code, connection.close_reason)
 
+    def _redeem(self, claims: AccessClaims) -> bool:
+        """Spend the ticket (no await between this and registering, so two sockets racing
+        with one ticket cannot both pass): remembered as long as the verifier accepts it."""
+        app = self.app
+        until = float(claims.exp) + app.settings.token_leeway_s
+        return app.tickets.redeem(claims.jti, until, app.wall())
+
     async def _authenticate_unless_going_away(self, ticket: str | None) -> AccessClaims | None:
         """The socket's claims, or None if the service started going away first (a socket
         still authenticating is closed with 1001 like the others, not left to its deadline)."""
@@ -356,12 +369,8 @@ class _Socket:
     async def _authenticate(self, ticket: str | None) -> AccessClaims:
         app = self.app
         try:
-            if ticket is not None:
-                claims = await app.verify(ticket, ticket=True)
-                until = float(claims.exp) + app.settings.token_leeway_s
-                if not app.tickets.redeem(claims.jti, until, app.wall()):
-                    raise AuthenticationError("ticket already used")
-                return claims
+            if ticket is not None:  # redeemed once the socket is registered (see run)
+                return await app.verify(ticket, ticket=True)
             with trio.fail_after(app.settings.auth_timeout_s):
                 text = await self.next_text()
             frame = protocol.require_auth(

@@ -864,6 +864,21 @@ async def test_the_per_user_cap_refuses_the_next_socket_and_a_disconnect_frees_a
     assert welcome["user_id"] == ALICE.sub and b.is_open and again.is_open
 
 
+async def test_a_ticket_refused_by_the_cap_is_not_spent(
+    autojump_clock: MockClock, make_env: MakeEnv
+) -> None:
+    env = make_env(max_connections_per_user=1)
+    first, _ = await env.login(ALICE)
+    ticket = env.keys.ticket()
+    refused = await env.connect(ticket=ticket).closed()
+    assert refused.code == C.TOO_MANY_CONNECTIONS
+    await first.disconnect()
+    retried = env.connect(ticket=ticket)
+    assert (await retried.frame())["type"] == "welcome"
+    await retried.disconnect()
+    assert (await env.connect(ticket=ticket).closed()).code == C.AUTH_FAILED  # now it is
+
+
 async def test_a_dead_socket_is_reaped_by_the_heartbeat_and_frees_its_slot(
     autojump_clock: MockClock, make_env: MakeEnv
 ) -> None:
