@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deploy import client, demo, wstail
+from deploy import demo, wstail
 from deploy.client import (
     DEFAULT_GATEWAY_URL,
     DEFAULT_WS_URL,
@@ -26,6 +26,7 @@ from deploy.client import (
     event_summary,
     resolve_config,
 )
+from deploy.client.failures import _problem_text
 from deploy.samples import ESSAYS_DIR
 from gateway.multipart import (
     MultipartParser,
@@ -321,4 +322,4 @@ def test_problem_documents_become_one_readable_phrase(
         if body is not None
         else httpx.Response(status, text="<html>")
     )
-    assert client._problem_text(reply) == text
+    assert _problem_text(reply) == text
