@@ -66,6 +66,8 @@ log = get_logger("devstack")
 #: Written under the state folder once ready; ``huleedu demo`` / ``ws-tail`` read it.
 DISCOVERY_FILE = "devstack.json"
 DEFAULT_STATE_DIR = Path(".state/devstack")
+#: Seconds the wsmanager may take to read the notification topic before the stack is ready.
+READY_WITHIN_S = 60.0
 #: A pace at which a person can watch a batch progress (seconds per essay / per phase).
 WATCHABLE_PIPELINE = PipelineSettings(essay_delay_s=0.25, phase_delay_s=0.5)
 
@@ -213,9 +215,15 @@ async def serve_devstack(
             jwks_ca_file=Path(ca_file) if ca_file else None,
             kafka=_kafka(options, "wsmanager"),
         )
+        ws_caught_up = trio.Event()
         wsmanager, ws_addresses = await _start(
-            nursery, "wsmanager", partial(serve_wsmanager, ws_settings, bus=bus)
+            nursery,
+            "wsmanager",
+            partial(serve_wsmanager, ws_settings, bus=bus, caught_up=ws_caught_up),
         )
+        # Ready means a socket opened now is served: the wsmanager has read the topic.
+        with trio.fail_after(READY_WITHIN_S):
+            await ws_caught_up.wait()
         addresses = DevstackAddresses(
             gateway_url=gateway_addresses.url,
             ws_url=f"{ws_addresses.url}/v1/ws",

@@ -693,7 +693,7 @@ CLOSE_CODES: Final[Mapping[WsCloseCode, CloseCodeInfo]] = MappingProxyType(
             "internal error", "A server bug or an unexpected failure.", _R.YES
         ),
         _C.TRY_AGAIN_LATER: CloseCodeInfo(
-            "server at its connection limit",
+            "try again later",
             "The instance is at its global connection cap, or still catching up on the "
             "notification topic after a start.",
             _R.YES,

@@ -64,12 +64,15 @@ async def serve_wsmanager(
     bus: EventBus | None = None,
     wall: Callable[[], float] | None = None,
     jwks: JwksCache | None = None,
+    caught_up: trio.Event | None = None,
     task_status: trio.TaskStatus[WsManagerAddresses] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the WebSocket manager until ``shutdown`` is set; see the module docstring.
 
     ``bus``: share an open event bus; ``wall``: wall-clock seconds for token times (tests pin
-    it); ``jwks``: a key source (default: the gateway's JWKS over HTTPS from settings).
+    it); ``jwks``: a key source (default: the gateway's JWKS over HTTPS from settings);
+    ``caught_up``: set once the notification topic has been read to its end (from then on the
+    instance is ready and accepts sockets).
     """
     tls, ca_file = _tls(settings)
     wall = wall or trio_wall_clock()
@@ -107,7 +110,7 @@ async def serve_wsmanager(
     ticket_verifier = verifier_for("ws_ticket", TICKET_MAX_LIFETIME_S)
     verifiers += [verifier, ticket_verifier]
     consumer_stats = ConsumerStatistics()
-    caught_up = trio.Event()
+    caught_up = trio.Event() if caught_up is None else caught_up
     going_away = trio.Event()
     stop_servers = trio.Event()
 
