@@ -25,7 +25,7 @@ import json
 import os
 import signal
 import socket
-import subprocess  # nosec B404  (starts our own services)
+import subprocess  # nosec B404
 import sys
 import time
 from collections.abc import Iterator
@@ -251,7 +251,7 @@ class Cluster:
         offset = service.log_path.stat().st_size if service.log_path.exists() else 0
         env = {**_inherited_env(), **service.env}
         with service.log_path.open("ab") as log:
-            service.process = subprocess.Popen(  # noqa: S603  # nosec B603 (our own command)
+            service.process = subprocess.Popen(  # noqa: S603  # nosec B603
                 service.command(),
                 env=env,
                 stdout=log,
@@ -370,7 +370,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _broker(action: str) -> None:
-    subprocess.run(  # noqa: S603  # nosec B603 B607 (our script, no shell)
+    subprocess.run(  # noqa: S603  # nosec B603 B607
         ["bash", str(BROKER_SCRIPT), action],  # noqa: S607
         check=True,
     )

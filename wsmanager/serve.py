@@ -18,6 +18,7 @@ from functools import partial
 
 import trio
 
+from common import coalesce
 from common.bus import EventBus, open_service_bus
 from common.errors import WsCloseCode
 from common.events import Topic
@@ -166,6 +167,8 @@ async def serve_wsmanager(
             config.alpn_protocols = ["http/1.1"]  # WebSocket over HTTP/1.1 upgrade
             config.websocket_max_message_size = settings.max_frame_bytes
             config.include_server_header = False
+            # Frames queued for a socket at one writer wakeup leave in one TLS write.
+            coalesce.enable(config)
             https_url: str = await servers.start(
                 partial(serve_listener, app, config, shutdown_trigger=stop_servers.wait)
             )

@@ -115,7 +115,7 @@ async def test_sigterm_to_each_tier_process_in_turn_loses_nothing(slow_cluster: 
 
 
 def _broker(action: str, port: int) -> None:
-    subprocess.run(  # nosec B603 B607 (our script)
+    subprocess.run(  # nosec B603 B607
         ["bash", str(BROKER_SCRIPT), action],
         check=True,
         env={**os.environ, "KAFKA_PORT": str(port)},
