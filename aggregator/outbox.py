@@ -130,4 +130,7 @@ async def run_outbox_relay(
         except BusError:
             await trio.sleep(1.0)  # broker trouble: the rows stay unsent and are retried
             continue
-        await store.mark_sent([r.id for r in rows])
+        # Acknowledged: record it even if a shutdown is cancelling us now (one local write),
+        # or the rows would go out again after the restart.
+        with trio.CancelScope(shield=True):
+            await store.mark_sent([r.id for r in rows])

@@ -202,13 +202,14 @@ def finished(stream: Stream, batch_id: str) -> bool:
 async def replayed_since(
     cluster: Cluster, teacher: Teacher, first: dict[str, Any], instance: int = 1
 ) -> list[dict[str, Any]]:
-    """``first`` and every event of ``teacher`` after it, as a fresh client resuming from
-    ``first`` gets them (the reference a live or reconnecting client's stream is compared
-    with)."""
+    """``first`` and every later event of its batch, as a fresh client resuming from
+    ``first`` gets them, each ``event_id`` once (a restarted aggregator may publish a
+    notification again, with the same id: clients deduplicate): the reference a live or
+    reconnecting client's stream is compared with."""
     reference = Stream(cluster, teacher)
     reference.events.append(first)
     async with reference.open(instance) as socket:
         assert reference.welcomes[-1]["resume"]["recovered"] is True, reference.welcomes[-1]
         with trio.move_on_after(3):
             await reference.follow(socket)
-    return reference.events
+    return reference.of(first["batch_id"])

@@ -63,9 +63,7 @@ async def test_the_teacher_journey_over_https_and_wss(cluster: Cluster) -> None:
         assert "processing" in statuses
         # What a client resuming from before the first event gets is exactly what came live.
         reference = await replayed_since(cluster, teacher, events[0])
-        assert [e["event_id"] for e in events] == [
-            e["event_id"] for e in reference if e["batch_id"] == batch_id
-        ]
+        assert [e["event_id"] for e in events] == [e["event_id"] for e in reference]
 
         view = (await teacher.call("GET", f"/v1/batches/{batch_id}", gateway=1)).json()
         assert view["status"] == "completed_successfully"

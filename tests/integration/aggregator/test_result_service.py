@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -242,6 +243,25 @@ async def test_outbox_rows_survive_a_crash_before_publish_and_go_out_once(tmp_pa
     ids = [decode_envelope(r.value).event_id for r in got]
     assert len(ids) == backlog
     assert len(set(ids)) == len(ids)
+
+
+async def test_a_shutdown_right_after_the_ack_still_marks_the_rows_sent(tmp_path: Path) -> None:
+    """SIGTERM cancels the relay; arriving between the broker's ack and the mark, it must not
+    leave acknowledged rows unsent (they would go out again after the restart)."""
+    store = await open_sqlite_store(tmp_path / "agg.db")
+    await apply(store, ResultQueries(store, TtlCache(ttl_s=60)), E.full_run("ob2"))
+    assert await store.outbox_backlog() > 0
+    async with open_memory_bus() as bus, trio.open_nursery() as nursery:
+        inner_publish = bus.publish_many
+
+        async def publish_then_shut_down(records: Any) -> Any:
+            acked = await inner_publish(records)
+            nursery.cancel_scope.cancel()  # the shutdown arrives with the acknowledgement
+            return acked
+
+        bus.publish_many = publish_then_shut_down  # type: ignore[method-assign]
+        nursery.start_soon(run_outbox_relay, store, bus)
+    assert await store.outbox_backlog() == 0
 
 
 async def test_stale_events_are_recorded_as_anomalies_and_change_nothing(tmp_path: Path) -> None:
