@@ -327,16 +327,31 @@ def _phase_status(state: BatchState, phase: int, essays: list[str]) -> tuple[int
     return int(status), total, ok, failed
 
 
+def _phases_seen(state: BatchState) -> list[int]:
+    """The phases any result or outcome arrived for, in pipeline order."""
+    seen = {int(key.rsplit("|", 1)[1]) for key in state.results}
+    seen.update(int(key) for key in state.outcomes)
+    return sorted(seen)
+
+
 def derive(state: BatchState) -> Derived:
     """The view-level facts (status, phase, progress) implied by ``state``."""
     essays = _essay_ids(state)
-    progress = tuple((phase, *_phase_status(state, phase, essays)) for phase in state.pipeline)
+    # Until a phase outcome names the pipeline, the phases results arrived for show progress
+    # (the teacher sees the first phase advance), but cannot complete the batch.
+    phases = state.pipeline or _phases_seen(state)
+    progress = tuple((phase, *_phase_status(state, phase, essays)) for phase in phases)
     current = Phase.UNSPECIFIED
     if state.final is not None:
         status = _FINAL.get(
             events_v1.FinalStatus(state.final["final_status"]), Status.COMPLETED_WITH_FAILURES
         )
-    elif progress and all(p[1] in map(int, _TERMINAL_PHASE) for p in progress) and essays:
+    elif (
+        state.pipeline
+        and progress
+        and all(p[1] in map(int, _TERMINAL_PHASE) for p in progress)
+        and essays
+    ):
         failed_any = any(p[4] for p in progress)
         all_failed = all(p[1] == int(PhaseStatus.FAILED) for p in progress)
         status = (
@@ -351,8 +366,8 @@ def derive(state: BatchState) -> Derived:
         pending = [p for p in progress if p[1] not in map(int, _TERMINAL_PHASE)]
         if pending:
             current = Phase(pending[0][0])
-        elif state.pipeline:
-            current = Phase(state.pipeline[-1])
+        elif phases:
+            current = Phase(phases[-1])
     elif not essays:
         status = Status.REGISTERED
     elif len(essays) < state.expected_essay_count:

@@ -90,6 +90,26 @@ def test_first_phase_finishing_does_not_complete_a_multi_phase_batch() -> None:
     assert status_after(events) is Status.PROCESSING
 
 
+def test_the_first_phase_shows_progress_before_the_pipeline_is_known() -> None:
+    # No event names the pipeline until the first phase outcome: the phases results arrived
+    # for are shown advancing, and finishing them does not complete the batch.
+    b = "b1"
+    state = BatchState(b)
+    for e in [E.registered(b, n=3), E.slot(b, 0, 1), E.slot(b, 1, 2), E.slot(b, 2, 3)]:
+        apply_event(state, e)
+    assert derive(state).progress == ()
+    apply_event(state, E.spellcheck(b, 0, 4))
+    apply_event(state, E.spellcheck(b, 1, 5))
+    derived = derive(state)
+    assert derived.status is Status.PROCESSING
+    assert derived.current_phase is Phase.SPELLCHECK
+    (phase, status, total, ok, failed), *rest = derived.progress
+    assert (phase, total, ok, failed, rest) == (int(Phase.SPELLCHECK), 3, 2, 0, [])
+    assert status == int(results_v1.PhaseStatus.IN_PROGRESS)
+    apply_event(state, E.spellcheck(b, 2, 6))
+    assert derive(state).status is Status.PROCESSING  # CJ may follow: not complete yet
+
+
 def test_processing_is_never_reported_as_awaiting_content() -> None:
     b = "b1"
     events = [E.registered(b, n=3), E.slot(b, 0, 1), E.spellcheck(b, 0, 2)]
