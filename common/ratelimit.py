@@ -180,6 +180,19 @@ class GcraLimiter:
         """
         return self._decide(key, now, cost, True)
 
+    def refund(self, key: Hashable, now: float, cost: int = 1) -> None:
+        """Give back ``cost`` that an admitted :meth:`check` of ``key`` counted (e.g. a login
+        attempt that turned out to succeed, when only failures should count). A key with
+        nothing outstanding is left alone."""
+        tat = self._tat.get(key)
+        if tat is None:
+            return
+        tat -= cost * self._interval
+        if tat <= now:
+            del self._tat[key]
+        else:
+            self._tat[key] = tat
+
     def peek(self, key: Hashable, now: float, cost: int = 1) -> Decision:
         """Exactly what :meth:`check` would answer at ``now``, without counting anything."""
         return self._decide(key, now, cost, False)

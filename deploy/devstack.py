@@ -47,7 +47,7 @@ from deploy.sandbox.pipeline import PipelineSettings
 from deploy.sandbox.serve import SandboxSettings, serve_sandbox_backends
 from gateway.backends import BackendSettings
 from gateway.serve import serve_gateway
-from gateway.settings import GatewaySettings, LimitSettings
+from gateway.settings import GatewaySettings
 from wsmanager.serve import serve_wsmanager
 from wsmanager.settings import WsManagerSettings
 
@@ -70,9 +70,6 @@ DEFAULT_STATE_DIR = Path(".state/devstack")
 READY_WITHIN_S = 60.0
 #: A pace at which a person can watch a batch progress (seconds per essay / per phase).
 WATCHABLE_PIPELINE = PipelineSettings(essay_delay_s=0.25, phase_delay_s=0.5)
-
-
-DEV_LOGIN_ACCOUNT_LIMIT = LimitSettings(limit=60, period_s=300, burst=20)
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,9 +194,6 @@ async def serve_devstack(
             file_backend=sandbox_target,
             result_backend=BackendSettings(target=f"{loop}:{aggregated.grpc_port}"),
             kafka=_kafka(options, "gateway"),
-            # One person trying the demo logs in again and again; keep the per-address
-            # limit (guessing) but do not lock the demo account after five logins.
-            limit_login_account=DEV_LOGIN_ACCOUNT_LIMIT,
         )
         gateway, gateway_addresses = await _start(
             nursery, "gateway", partial(serve_gateway, gateway_settings, bus=bus)

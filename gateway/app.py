@@ -234,6 +234,7 @@ def create_app(
         )
         g.limited = limited
         pair, session = await auth.login(body.email, body.password)
+        limits.refund(limits.login_account, account)  # only failed attempts count
         user = {
             "user_id": session.user_id,
             "org_id": session.org_id,

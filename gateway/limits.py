@@ -4,7 +4,10 @@
   school NAT do not share a budget);
 * ``address``: every request that is not (yet) authenticated, keyed by client address;
 * ``login_address`` and ``login_account``: login attempts per address and per account (the
-  email, case-folded, known or not: an attacker learns nothing from the limit);
+  email, case-folded, known or not: an attacker learns nothing from the limit). An attempt is
+  counted against the account when it starts, so concurrent guesses are bounded too, and given
+  back when it succeeds: a teacher logging in from several tabs is never locked out, only
+  failed attempts use up the account's budget;
 * ``refresh``: refresh attempts per address.
 
 The client address is the peer, or, when the peer is a configured trusted proxy, the right-most
@@ -102,6 +105,10 @@ class RateLimits:
         limited = Limited(limiter.policy, limiter.check(key, self._now()))
         limited.raise_if_denied()
         return limited
+
+    def refund(self, limiter: GcraLimiter, key: str) -> None:
+        """Give back one request of ``key`` that :meth:`check` counted."""
+        limiter.refund(key, self._now())
 
     def check_all(self, checks: Sequence[tuple[GcraLimiter, str]]) -> Limited:
         """Every check in order (stopping at the first refusal); the tightest one admitted."""

@@ -115,6 +115,20 @@ def test_peek_counts_nothing() -> None:
     assert (stats.keys, stats.allowed, stats.denied) == (1, 1, 1), stats
 
 
+def test_a_refund_gives_back_exactly_what_a_check_took() -> None:
+    limiter = GcraLimiter(RatePolicy("p", limit=2, period_s=10.0, burst=2))
+    assert limiter.check("a", 0.0).allowed and limiter.check("a", 0.0).allowed
+    assert not limiter.peek("a", 0.0).allowed
+    limiter.refund("a", 0.0)
+    assert limiter.check("a", 0.0).allowed  # the refunded slot, and only that one
+    assert not limiter.check("a", 0.0).allowed
+    limiter.refund("a", 0.0)
+    limiter.refund("a", 0.0)
+    assert limiter.statistics().keys == 0  # nothing outstanding: the key is forgotten
+    limiter.refund("never-seen", 0.0)  # harmless
+    assert limiter.check("a", 0.0).remaining == 1  # never more than a fresh key
+
+
 def test_full_buckets_are_evicted_first_and_memory_stays_bounded() -> None:
     limiter = GcraLimiter(RatePolicy("p", limit=1, period_s=10.0), max_keys=100)
     for i in range(100):

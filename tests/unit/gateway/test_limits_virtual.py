@@ -74,6 +74,21 @@ async def test_login_per_account_spans_addresses_and_ignores_case(
     assert ok.status == 200
 
 
+async def test_successful_logins_do_not_use_up_the_account_budget(
+    make_gateway: Any, autojump_clock: Any
+) -> None:
+    gw = await make_gateway()  # 5 per 300 s per account, burst 5
+    app = gw.http.app
+    for i in range(12):  # a teacher opening tab after tab: never locked out
+        reply = await login(app, OTHER.email, OTHER.password, address=f"198.51.100.{i}")
+        assert reply.status == 200, (i, reply.status)
+    for i in range(5):  # failures still count, whatever the address
+        reply = await login(app, OTHER.email, "wrong", address=f"203.0.113.{i}")
+        assert reply.status == 401
+    refused = await login(app, OTHER.email, OTHER.password, address="192.0.2.7")
+    assert refused.status == 429
+
+
 async def test_per_user_limit_keys_by_subject_not_address(
     make_gateway: Any, autojump_clock: Any
 ) -> None:
