@@ -153,7 +153,8 @@ class WsApp:
 
     async def _socket(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.stats.handshakes += 1
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        # Blank values kept: an empty ``since=`` is a malformed resume point (403), not none.
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
         connect = await receive()
         if connect.get("type") != "websocket.connect":
             return

@@ -538,6 +538,7 @@ async def test_an_auth_frame_gets_the_welcome_of_the_tokens_user(
         {"path": PATH + "/"},
         {"since": "no-colon"},
         {"since": f"{EPOCH}:-1"},
+        {"since": ""},  # an empty resume point is malformed, not "no since"
     ],
     ids=str,
 )
