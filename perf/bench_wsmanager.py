@@ -1,4 +1,4 @@
-"""P5/P6/P10 for the WebSocket manager: fan-out to 1000 connections over TLS.
+"""P5/P6/P7/P10/P11 for the WebSocket manager: fan-out to 1000 connections over TLS.
 
 A child process runs the gateway (token authority, JWKS) and the wsmanager on the memory bus;
 this process opens CONNECTIONS authenticated trio-websocket connections of one user and drives
@@ -15,6 +15,9 @@ the child over stdin:
   REAL Kafka broker; P7_EVENTS events are produced to it at P7_RATE_PER_S, each carrying its
   publish time (monotonic, taken just before the produce call), to CONNECTIONS clients:
   p50/p99 of publish -> frame received over all deliveries;
+* **P11**: a reconnect storm: the CONNECTIONS clients drop their sockets together, one
+  event is published while they are away, and all reconnect at once with ``since``; the time
+  until every client has its welcome and the missed event;
 * **P10 at scale** (``--p10 N``): a third child, N connections spread over N/1000 users (the
   per-user cap), RSS only.
 
@@ -39,6 +42,7 @@ import uuid
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import trio
 import trio_websocket
@@ -339,6 +343,84 @@ async def _drive(
     return result
 
 
+async def _storm(
+    child: subprocess.Popen[bytes], info: dict[str, Any], connections: int
+) -> dict[str, Any]:
+    """P11: ``connections`` clients drop their sockets together, one event is published while
+    they are away, and all reconnect at once with ``since`` (TLS + WS + auth + resume): the
+    time until the last one has its welcome and the missed event."""
+    context = client_context(info["ca_file"], alpn=["http/1.1"])
+    tokens: list[str] = info["tokens"]
+    last: list[str] = [""] * connections
+    got = [0] * connections
+    arrived = trio.Event()
+
+    def publish(count: int) -> None:
+        assert child.stdin is not None and child.stdout is not None
+        child.stdin.write(f"pub {count} 0\n".encode())
+        child.stdin.flush()
+        child.stdout.readline()
+
+    async def client(index: int, since: str, task_status: trio.TaskStatus[None]) -> None:
+        url = f"{info['url']}/v1/ws" + (f"?since={quote(since, safe='')}" if since else "")
+        async with trio_websocket.open_websocket_url(
+            url, context, extra_headers=[(b"origin", ORIGIN.encode())], disconnect_timeout=1
+        ) as socket:
+            try:
+                token = tokens[index % len(tokens)]
+                await socket.send_message(json.dumps({"type": "auth", "token": token}))
+                welcome = json.loads(await socket.get_message())
+                assert welcome["type"] == "welcome", welcome
+                assert not since or welcome["resume"]["recovered"], welcome
+                task_status.started()
+                while True:
+                    frame = json.loads(await socket.get_message())
+                    if frame["type"] == "ping":
+                        await socket.send_message(
+                            json.dumps({"type": "pong", "nonce": frame["nonce"]})
+                        )
+                    elif frame["type"] == "event":
+                        last[index] = f"{frame['epoch']}:{frame['offset']}"
+                        got[index] += 1
+                        if all(got):
+                            arrived.set()
+            finally:
+                await trio.aclose_forcefully(socket._stream)
+
+    limiter = trio.CapacityLimiter(50)
+    async with trio.open_nursery() as first:
+
+        async def start_one(i: int) -> None:
+            async with limiter:
+                await first.start(client, i, "")
+
+        async with trio.open_nursery() as starting:
+            for i in range(connections):
+                starting.start_soon(start_one, i)
+        await trio.to_thread.run_sync(publish, 1)
+        with trio.fail_after(60):
+            await arrived.wait()
+        first.cancel_scope.cancel()  # every client drops its socket at once
+    await trio.sleep(2.0)  # the server notices the closes and frees the per-user slots
+    await trio.to_thread.run_sync(publish, 1)  # missed while away
+    got[:] = [0] * connections
+    arrived = trio.Event()
+    cpu0 = _cpu_s(child.pid)
+    began = time.monotonic()
+    async with trio.open_nursery() as storm:
+        for i in range(connections):
+            storm.start_soon(partial(storm.start, client, i, last[i]))
+        with trio.fail_after(120):
+            await arrived.wait()
+        took = time.monotonic() - began
+        storm.cancel_scope.cancel()
+    return {
+        "connections": connections,
+        "seconds": took,
+        "server_cpu_s": _cpu_s(child.pid) - cpu0,
+    }
+
+
 def _run_child(mode: str, connections: int, kafka_bootstrap: str = "") -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "child.log"
@@ -363,6 +445,8 @@ def _run_child(mode: str, connections: int, kafka_bootstrap: str = "") -> dict[s
         if not line:
             raise RuntimeError(log.read_text()[-3000:])
         try:
+            if mode == "p11":
+                return trio.run(_storm, child, json.loads(line), connections)
             return trio.run(_drive, child, json.loads(line), mode, connections)
         finally:
             assert child.stdin is not None
@@ -388,6 +472,7 @@ def main() -> None:
     want = max(CONNECTIONS, args.p10) * 2 + 1024  # the driver and each child hold one fd each
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, want)), hard))
     result = _run_child("fanout", CONNECTIONS)
+    result["p11_storm"] = _run_child("p11", CONNECTIONS)
     kafka_bootstrap = os.environ.get("KAFKA_BOOTSTRAP", "")
     if kafka_bootstrap:
         result["p7_kafka"] = _run_child("p7", CONNECTIONS, kafka_bootstrap)
@@ -434,6 +519,13 @@ def main() -> None:
             f"{p5['deliveries_per_server_cpu_s']:.0f} deliveries per server CPU-second",
             ">= 20k/s/core",
         ],
+        [
+            "P11 reconnect storm",
+            f"{result['p11_storm']['seconds']:.2f} s",
+            f"{CONNECTIONS} clients at once, TLS + WS + auth + resume (one missed event "
+            f"replayed each); server CPU {result['p11_storm']['server_cpu_s']:.2f} s",
+            "<= 2 s",
+        ],
     ]
     if "p7_kafka" in result:
         for key, connections in (("p7_kafka", CONNECTIONS), ("p7_light", P7_LIGHT_CONNECTIONS)):
@@ -461,7 +553,7 @@ def main() -> None:
         )
     write_report(
         "wsmanager",
-        title=f"WebSocket manager fan-out to {CONNECTIONS} TLS connections (P5, P6, P7, P10)",
+        title=f"WebSocket manager fan-out to {CONNECTIONS} TLS connections (P5, P6, P7, P10, P11)",
         columns=["measure", "result", "detail", "target"],
         rows=rows,
         data=result,
