@@ -150,8 +150,13 @@ class Stream:
         url = self.cluster.ws_url(instance)
         if self.since is not None:
             url += f"?since={self.since}"
+        # Roomy queue, short close wait: see tests/integration/wsmanager/conftest.py.
         async with trio_websocket.open_websocket_url(
-            url, ws_tls(self.cluster), connect_timeout=10
+            url,
+            ws_tls(self.cluster),
+            connect_timeout=10,
+            message_queue_size=256,
+            disconnect_timeout=2,
         ) as socket:
             try:
                 await socket.send_message(json.dumps({"type": "auth", "token": self.teacher.token}))

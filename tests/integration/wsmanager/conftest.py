@@ -101,11 +101,21 @@ class Ws:
 
     @asynccontextmanager
     async def raw(
-        self, *, origin: str | None = ORIGIN, **query: str
+        self, *, origin: str | None = ORIGIN, queue: int = 256, **query: str
     ) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+        """``queue``: frames the client buffers unread (1: a client that stops reading stalls
+        its TCP window at once)."""
         headers = [(b"origin", origin.encode())] if origin is not None else []
+        # A roomy message queue and a short close wait: trio-websocket's reader blocks once
+        # its queue is full, and then never reads the server's close reply, so a test that
+        # leaves frames unread would wait out the 60 s default on exit.
         async with trio_websocket.open_websocket_url(
-            self.url(**query), self.tls(), extra_headers=headers, connect_timeout=10
+            self.url(**query),
+            self.tls(),
+            extra_headers=headers,
+            connect_timeout=10,
+            message_queue_size=queue,
+            disconnect_timeout=2,
         ) as socket:
             try:
                 yield socket
@@ -116,10 +126,10 @@ class Ws:
 
     @asynccontextmanager
     async def connect(
-        self, token: str | None = None, *, user: Any = TEACHER, **query: str
+        self, token: str | None = None, *, user: Any = TEACHER, queue: int = 256, **query: str
     ) -> AsyncIterator[tuple[trio_websocket.WebSocketConnection, dict[str, Any]]]:
         """An authenticated socket and its welcome frame."""
-        async with self.raw(**query) as socket:
+        async with self.raw(queue=queue, **query) as socket:
             if "ticket" not in query:
                 await socket.send_message(
                     json.dumps({"type": "auth", "token": token or await self.token(user)})

@@ -22,7 +22,8 @@ PACE_S = 0.005
 
 async def test_r6_only_the_stalled_connection_is_closed(start_wsmanager: Any) -> None:
     ws: Ws = await start_wsmanager(send_queue_frames=64)
-    async with ws.connect(user=TEACHER) as (stalled, _), ws.connect(user=TEACHER) as (healthy, _):
+    stalling = ws.connect(user=TEACHER, queue=1)  # reads nothing: its TCP window fills
+    async with stalling as (stalled, _), ws.connect(user=TEACHER) as (healthy, _):
         async with ws.connect(user=TEACHER2) as (other, _):
             got: list[str] = []
             other_got: list[str] = []
