@@ -22,7 +22,7 @@ from hypercorn.protocol import h11 as hypercorn_h11
 
 from common.tls import configure_hypercorn
 
-__all__ = ["listener_config", "refuse_h2c_upgrade", "serve_listener"]
+__all__ = ["answer_lifespan", "listener_config", "refuse_h2c_upgrade", "serve_listener"]
 
 _MARK = "_huleedu_refuses_h2c"
 
@@ -42,6 +42,20 @@ def refuse_h2c_upgrade() -> None:
 
     setattr(check_protocol, _MARK, True)
     protocol._check_protocol = check_protocol
+
+
+async def answer_lifespan(
+    receive: Callable[[], Awaitable[Any]], send: Callable[[Any], Awaitable[None]]
+) -> None:
+    """The ASGI lifespan protocol for an app with nothing to start or stop: acknowledge the
+    startup, then the shutdown (and return)."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
 
 
 def listener_config(host: str, port: int, *, grace_s: float, tls: Any = None) -> Config:

@@ -127,6 +127,8 @@ class Cluster:
     essay_delay_s: float = 0.25
     phase_delay_s: float = 0.5
     log_level: str = "info"
+    #: Whether ``stop`` should stop the broker too (the command started it).
+    own_broker: bool = False
     services: dict[str, Service] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -319,6 +321,7 @@ class Cluster:
     def write_state(self) -> None:
         state = {
             "kafka": self.kafka,
+            "own_broker": self.own_broker,
             "ca_file": str(self.ca_file),
             "gateway_urls": [self.gateway_url(i) for i in range(len(self.ports.gateways))],
             "ws_urls": [self.ws_url(i) for i in range(len(self.ports.wsmanagers))],
@@ -381,7 +384,7 @@ def _start(args: argparse.Namespace) -> int:
     kafka = args.kafka or f"127.0.0.1:{os.environ.get('KAFKA_PORT', '19092')}"
     if own_broker:
         _broker("start")
-    cluster = Cluster(args.state_dir, kafka)
+    cluster = Cluster(args.state_dir, kafka, own_broker=own_broker)
     try:
         cluster.start_all()
     except ProcessFailed as exc:
@@ -390,8 +393,6 @@ def _start(args: argparse.Namespace) -> int:
             _broker("stop")
         return 1
     state = json.loads((cluster.state_dir / STATE_FILE).read_text())
-    state["own_broker"] = own_broker
-    (cluster.state_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     print(f"local cluster running on Kafka {kafka} (state and logs in {cluster.state_dir})")
     for name, info in state["processes"].items():
         print(f"  {name:<12} pid {info['pid']:<8} log {info['log']}")

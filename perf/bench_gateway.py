@@ -49,6 +49,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from common.errors import RateLimitedError
+from common.httpserver import answer_lifespan
 from common.ratelimit import GcraLimiter
 from common.tls import client_context
 from common.tokens import KeySet, TokenSigner, TokenVerifier, VerifierPolicy
@@ -271,13 +272,8 @@ def _hypercorn_config(tls: Any, port: int = 0) -> Any:
 async def _bare_app(scope: Any, receive: Any, send: Any) -> None:
     """The least an ASGI app can do: answer every request with BARE_BODY."""
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await answer_lifespan(receive, send)
+        return
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(BARE_BODY))]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": BARE_BODY})

@@ -39,6 +39,7 @@ from common.errors import (
     TokenExpiredError,
     WsCloseCode,
 )
+from common.httpserver import answer_lifespan
 from common.logs import get_logger
 from common.ratelimit import GcraLimiter, RatePolicy
 from common.tokens import AccessClaims, TokenVerifier, UnknownKeyError
@@ -135,13 +136,7 @@ class WsApp:
         elif kind == "http":
             await _plain(send, 404, b"only the WebSocket endpoint /v1/ws is served here\n")
         elif kind == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send)
 
     # -- handshake -----------------------------------------------------------------------------
 

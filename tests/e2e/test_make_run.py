@@ -50,9 +50,8 @@ def test_make_run_is_ready_within_60_s_and_the_demo_passes(tmp_path: Path) -> No
             start_new_session=True,
         )
     try:
-        ready = _wait_ready(log, make)
+        ready = _wait_ready(log, make)  # fails unless ready within READY_WITHIN_S
         seconds = time.monotonic() - began
-        assert seconds < READY_WITHIN_S
         printed = log.read_text()
         assert "huleedu demo" in printed and "huleedu ws-tail" in printed
         assert "curl --cacert" in printed and str(ready["ca_file"]) in printed

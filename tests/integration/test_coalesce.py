@@ -16,7 +16,7 @@ import trio
 import trio_websocket
 
 from common import coalesce
-from common.httpserver import listener_config, serve_listener
+from common.httpserver import answer_lifespan, listener_config, serve_listener
 from common.tls import client_context, ensure_dev_certificates
 
 Message = MutableMapping[str, Any]
@@ -30,9 +30,7 @@ def websocket_only(handler: Any) -> Any:
         if scope["type"] == "websocket":
             await handler(scope, receive, send)
         elif scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await answer_lifespan(receive, send)
 
     return app
 
