@@ -21,13 +21,12 @@ the backends. A second Ctrl-C stops at once.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -37,7 +36,7 @@ import trio
 
 from aggregator.serve import serve_aggregator
 from aggregator.settings import AggregatorSettings
-from common.bus import EventBus, open_service_bus
+from common.bus import open_service_bus
 from common.errors import ConfigurationError, UnavailableError
 from common.logs import configure_logging, get_logger
 from common.rpc import open_rpc_loop
@@ -139,12 +138,6 @@ def _kafka(options: DevstackOptions, client_id: str) -> KafkaSettings:
     return KafkaSettings(bootstrap_servers=options.kafka, client_id=client_id)
 
 
-@contextlib.asynccontextmanager
-async def _open_bus(options: DevstackOptions) -> AsyncIterator[EventBus]:
-    async with open_service_bus(_kafka(options, "devstack")) as bus:
-        yield bus
-
-
 async def serve_devstack(
     options: DevstackOptions,
     *,
@@ -155,7 +148,11 @@ async def serve_devstack(
     state = options.state_dir.resolve()
     state.mkdir(parents=True, exist_ok=True)
     loop = "127.0.0.1"
-    async with open_rpc_loop(), _open_bus(options) as bus, trio.open_nursery() as nursery:
+    async with (
+        open_rpc_loop(),
+        open_service_bus(_kafka(options, "devstack")) as bus,
+        trio.open_nursery() as nursery,
+    ):
         identity, identity_port = await _start(
             nursery, "identity", _triggered(partial(serve_sandbox_identity, host=loop, port=0))
         )
